@@ -1,0 +1,2 @@
+class InputError(Exception):
+    """Bad user input: the CLI prints the message and exits with code 2."""
