@@ -1,0 +1,438 @@
+"""``MNSegmentLogic``: train / resume / segment / load predictions from a MRML scene.
+
+Runs with ``slicer-core`` alone (no Qt, no ``slicer.app``); inside Slicer it uses ``slicer.mrmlScene`` and
+``PythonSlicer``. The engine always runs in a child process (see :mod:`.job`).
+
+Job folder layout (``output_dir``)::
+
+    job.json                  what this module needs to load results later (classes, colours, cases)
+    datalist.json             the engine's input (relative paths)
+    data/images/<stem>.nrrd   exported volumes
+    data/labels/<stem>.nrrd   exported segmentations (label maps on each volume's own grid)
+    run/                      the engine's RUN_DIR (config.json, plan.json, checkpoints, model)
+    run/predictions/<stem>.nii.gz
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import slicer
+
+from . import export
+from .job import DONE, EngineError, EngineJob, Phase
+
+JOB_FILE = "job.json"
+DATALIST_FILE = "datalist.json"
+RUN_DIR = "run"
+PREDICTIONS_DIR = "predictions"
+PREDICTION_ATTRIBUTE = "MNSegment.Prediction"
+
+PRESETS = ("quick", "default", "paper")
+NETWORKS = ("3d", "2d", "ensemble")
+
+#: Friendly names of the settings the module exposes → dotted keys of the engine's ``config.json``.
+OVERRIDE_KEYS = {
+    "steps": "train.steps",
+    "batch_size": "sampling.batch_size",
+    "patch_size": "sampling.patch_size",
+    "lrg_mode": "lrg.mode",
+    "backbone_2d": "model2d.name",
+    "weights_2d": "model2d.weights",
+    "network_3d": "model3d.name",
+}
+
+
+def _scene_of(nodes, scene=None):
+    if scene is not None:
+        return scene
+    for node in nodes:
+        if node is not None and node.GetScene() is not None:
+            return node.GetScene()
+    scene = getattr(slicer, "mrmlScene", None)
+    if scene is None:
+        raise ValueError("No MRML scene: pass scene= to MNSegmentLogic")
+    return scene
+
+
+def _set_value(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _relative(path: Path, folder: Path) -> str:
+    return Path(path).resolve().relative_to(folder.resolve()).as_posix()
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def _write_json(path: Path, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def gpu_info() -> list[dict]:
+    """Detected NVIDIA GPUs as ``[{"index", "name", "memory_gb"}]`` (``nvidia-smi``; no torch import)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = []
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 3:
+            try:
+                gpus.append({"index": int(parts[0]), "name": parts[1], "memory_gb": round(float(parts[2]) / 1024, 1)})
+            except ValueError:
+                continue
+    return gpus
+
+
+def device_argument(device: str) -> str:
+    """UI / user device choice → engine ``--device`` value."""
+    d = str(device or "auto").strip().lower()
+    if d in ("gpu", "cuda"):
+        return "cuda"
+    if d.startswith("cuda:") or d in ("cpu", "auto"):
+        return d
+    raise ValueError(f"Unknown device {device!r}: use auto, gpu, cpu or cuda:N")
+
+
+def _device_env(device: str) -> dict[str, str]:
+    """Environment for the predict step, which has no --device option: hide GPUs when CPU was chosen."""
+    if device == "cpu":
+        return {"CUDA_VISIBLE_DEVICES": ""}
+    if device.startswith("cuda:"):
+        return {"CUDA_VISIBLE_DEVICES": device.split(":", 1)[1]}
+    return {}
+
+
+class MNSegmentLogic:
+    """Scene-level API of MNSegment (usable from Slicer's Python console).
+
+    Example::
+
+        logic = MNSegmentLogic()
+        job = logic.train([(vol1, seg1), (vol2, seg2)], [vol3, vol4], preset="quick", wait=True)
+        job.result            # segmentation nodes of vol3 and vol4
+        logic.segment([vol5], job.folder / "run")
+    """
+
+    def __init__(self, scene=None, confirm_install=None):
+        self.scene = scene
+        #: ``callable(message) -> bool`` asked before installing missing Python packages (Slicer only)
+        self.confirm_install = confirm_install
+        self.jobs: list[EngineJob] = []
+
+    # ------------------------------------------------------------------------------------------- scene queries
+    def _get_scene(self, nodes=()):
+        return _scene_of(list(nodes), self.scene)
+
+    def scalar_volumes(self) -> list:
+        scene = self._get_scene()
+        nodes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+        result = []
+        for i in range(nodes.GetNumberOfItems()):
+            node = nodes.GetItemAsObject(i)
+            if not node.IsA("vtkMRMLLabelMapVolumeNode"):
+                result.append(node)
+        return result
+
+    def pair_segmentations(self, include_predictions: bool = False) -> list[tuple]:
+        """(volume, segmentation) for every segmentation in the scene whose reference geometry is a volume.
+
+        Segmentations produced by MNSegment are skipped unless ``include_predictions`` (e.g. after correcting
+        them in the Segment Editor, to train again with more labels)."""
+        scene = self._get_scene()
+        nodes = scene.GetNodesByClass("vtkMRMLSegmentationNode")
+        pairs = []
+        for i in range(nodes.GetNumberOfItems()):
+            seg = nodes.GetItemAsObject(i)
+            if seg.GetAttribute(PREDICTION_ATTRIBUTE) and not include_predictions:
+                continue
+            if seg.GetSegmentation().GetNumberOfSegments() == 0:
+                continue
+            ref = seg.GetNodeReference(seg.GetReferenceImageGeometryReferenceRole())
+            if ref is not None and ref.IsA("vtkMRMLScalarVolumeNode") and not ref.IsA("vtkMRMLLabelMapVolumeNode"):
+                pairs.append((ref, seg))
+        return pairs
+
+    def unlabeled_candidates(self, labeled) -> list:
+        used = {vol.GetID() for vol, _seg in labeled if vol is not None}
+        return [v for v in self.scalar_volumes() if v.GetID() not in used]
+
+    # ------------------------------------------------------------------------------------------- dependencies
+    def check_dependencies(self) -> None:
+        """Inside Slicer, offer to install what the engine needs; raise if it is still missing."""
+        from . import dependencies
+
+        if getattr(slicer, "app", None) is not None:
+            dependencies.ensure(confirm=self.confirm_install)
+        missing = dependencies.missing_packages()
+        if missing:
+            names = ", ".join(r.name for r in missing)
+            raise EngineError(f"Python packages needed by MNSegment are missing: {names}.")
+
+    # ------------------------------------------------------------------------------------------- export
+    def export_cases(self, labeled, unlabeled, folder: Path, role_unlabeled: str = "unlabeled") -> dict:
+        """Export volumes/segmentations into ``folder`` and write ``datalist.json`` and ``job.json``."""
+        folder = Path(folder)
+        labeled = [(v, s) for v, s in labeled]
+        unlabeled = list(unlabeled)
+        ids = [v.GetID() for v, _s in labeled] + [v.GetID() for v in unlabeled]
+        if len(set(ids)) != len(ids):
+            raise ValueError("A volume is listed twice (labeled volumes cannot also be unlabeled).")
+        for vol, seg in labeled:
+            export.check_volume(vol)
+            if seg is None or not seg.IsA("vtkMRMLSegmentationNode"):
+                raise ValueError(f"No segmentation for {vol.GetName()}")
+        for vol in unlabeled:
+            export.check_volume(vol)
+        classes = export.build_classes([s for _v, s in labeled])
+        images, labels = folder / "data" / "images", folder / "data" / "labels"
+        cases, datalist = [], {"labeled": [], "unlabeled": []}
+        for index, (vol, seg) in enumerate(labeled):
+            stem = export.safe_stem(vol.GetName(), index)
+            image = export.export_volume(vol, images / f"{stem}.nrrd")
+            label = labels / f"{stem}.nrrd"
+            counts = export.export_labelmap(seg, vol, classes, label)
+            datalist["labeled"].append({"image": _relative(image, folder), "label": _relative(label, folder)})
+            cases.append({
+                "role": "labeled", "stem": stem, "volume_id": vol.GetID(), "volume_name": vol.GetName(),
+                "segmentation_id": seg.GetID(), "segmentation_name": seg.GetName(),
+                "image": _relative(image, folder), "label": _relative(label, folder), "voxels": counts,
+            })
+        for index, vol in enumerate(unlabeled, start=len(labeled)):
+            stem = export.safe_stem(vol.GetName(), index)
+            image = export.export_volume(vol, images / f"{stem}.nrrd")
+            datalist["unlabeled"].append({"image": _relative(image, folder)})
+            cases.append({
+                "role": role_unlabeled, "stem": stem, "volume_id": vol.GetID(), "volume_name": vol.GetName(),
+                "image": _relative(image, folder),
+            })
+        datalist["classes"] = {str(c["value"]): c["name"] for c in classes}
+        if labeled:
+            _write_json(folder / DATALIST_FILE, datalist)
+        meta = {"version": 1, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "classes": classes, "cases": cases}
+        _write_json(folder / JOB_FILE, meta)
+        return meta
+
+    def default_output_dir(self) -> Path:
+        return Path.home() / "MNSegment" / "jobs" / time.strftime("job-%Y%m%d-%H%M%S")
+
+    # ------------------------------------------------------------------------------------------- train
+    def train(self, labeled, unlabeled, output_dir=None, preset: str = "quick", wait: bool = False,
+              device: str = "auto", network: str = "3d", on_progress=None, on_log=None, on_event=None,
+              on_phase=None, on_finished=None, **overrides) -> EngineJob:
+        """Train on ``labeled`` [(volume, segmentation)] + ``unlabeled`` [volume], then segment ``unlabeled``.
+
+        ``overrides``: engine configuration keys (``**{"train.steps": 50}``) or the friendly names in
+        ``OVERRIDE_KEYS`` (``steps=50``, ``backbone_2d="resnet18"``, ...). Returns the job; its ``result`` is
+        the list of segmentation nodes once done. With ``wait=True`` blocks until the end and raises
+        :class:`EngineError` (message from the engine) on failure."""
+        if preset not in PRESETS:
+            raise ValueError(f"Unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
+        labeled = list(labeled)
+        if not labeled:
+            raise ValueError("At least one labeled case (volume + segmentation) is needed.")
+        device = device_argument(device)
+        self.check_dependencies()
+        scene = self._get_scene([v for v, _s in labeled])
+        folder = Path(output_dir) if output_dir else self.default_output_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = self.export_cases(labeled, unlabeled, folder)
+        settings = {}
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            settings[OVERRIDE_KEYS.get(key, key)] = value
+        meta.update({"run_dir": RUN_DIR, "preset": preset, "device": device, "network": network,
+                     "overrides": settings})
+        _write_json(folder / JOB_FILE, meta)
+        args = ["train", str(folder / DATALIST_FILE), "--output", str(folder / RUN_DIR), "--preset", preset,
+                "--device", device]
+        for key, value in settings.items():
+            args += ["--set", f"{key}={_set_value(value)}"]
+        args.append("--events")
+        phases = [Phase("train", args), self._predict_phase(folder, meta, device, network)]
+        return self._run(phases, folder, scene, wait, on_progress, on_log, on_event, on_phase, on_finished)
+
+    def resume(self, job_folder, wait: bool = False, on_progress=None, on_log=None, on_event=None,
+               on_phase=None, on_finished=None) -> EngineJob:
+        """Continue an interrupted training from its last checkpoint, then segment its unlabeled volumes."""
+        folder = Path(job_folder)
+        if not (folder / JOB_FILE).is_file() and (folder.parent / JOB_FILE).is_file():
+            folder = folder.parent  # the run folder was given
+        self.check_dependencies()
+        if not (folder / JOB_FILE).is_file():
+            phases = [Phase("train", ["resume", str(folder), "--events"])]
+            return self._run(phases, folder, self._get_scene(), wait, on_progress, on_log, on_event, on_phase,
+                             on_finished, load=False)
+        meta = _read_json(folder / JOB_FILE)
+        device = meta.get("device", "auto")
+        phases = [Phase("train", ["resume", str(folder / meta.get("run_dir", RUN_DIR)), "--events"]),
+                  self._predict_phase(folder, meta, device, meta.get("network", "3d"))]
+        return self._run(phases, folder, self._get_scene(), wait, on_progress, on_log, on_event, on_phase,
+                         on_finished)
+
+    def _predict_phase(self, folder: Path, meta: dict, device: str, network: str, model_dir=None,
+                       out_dir=None) -> Phase:
+        run_dir = Path(model_dir) if model_dir else folder / meta.get("run_dir", RUN_DIR)
+        out = Path(out_dir) if out_dir else run_dir / PREDICTIONS_DIR
+        images = [str(folder / c["image"]) for c in meta["cases"] if c["role"] in ("unlabeled", "segment")]
+        if network not in NETWORKS:
+            raise ValueError(f"Unknown network {network!r}: use one of {', '.join(NETWORKS)}")
+
+        def arguments():
+            if not images:
+                return None
+            return ["predict", "--model", str(run_dir), "--output", str(out), "--network", network, *images]
+
+        return Phase("predict", [], before=arguments, env=_device_env(device))
+
+    # ------------------------------------------------------------------------------------------- segment
+    def segment(self, volumes, model_dir, wait: bool = True, output_dir=None, network: str = "3d",
+                device: str = "auto", on_log=None, on_event=None, on_finished=None):
+        """Apply a trained model (its run folder, or the job folder that holds it) to ``volumes``.
+
+        Returns the new segmentation nodes (``wait=True``) or the job (``wait=False``; nodes in
+        ``job.result``)."""
+        volumes = list(volumes)
+        if not volumes:
+            raise ValueError("Select at least one volume to segment.")
+        model = self.resolve_model_dir(model_dir)
+        self.check_dependencies()
+        folder = Path(output_dir) if output_dir else model.parent / "segment" / time.strftime("%Y%m%d-%H%M%S")
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = self.export_cases([], volumes, folder, role_unlabeled="segment")
+        meta["classes"] = self.model_classes(model)
+        meta.update({"model_dir": str(model), "predictions_dir": PREDICTIONS_DIR, "network": network})
+        _write_json(folder / JOB_FILE, meta)
+        phases = [self._predict_phase(folder, meta, device_argument(device), network, model_dir=model,
+                                      out_dir=folder / PREDICTIONS_DIR)]
+        job = self._run(phases, folder, self._get_scene(volumes), wait, None, on_log, on_event, None, on_finished)
+        return job.result if wait else job
+
+    @staticmethod
+    def resolve_model_dir(model_dir) -> Path:
+        path = Path(model_dir)
+        if (path / JOB_FILE).is_file() and not (path / "config.json").is_file():
+            path = path / _read_json(path / JOB_FILE).get("run_dir", RUN_DIR)
+        if not (path / "config.json").is_file():
+            raise EngineError(f"{model_dir} is not a trained MNSegment model folder (no config.json).")
+        return path
+
+    @staticmethod
+    def model_classes(model_dir: Path) -> list[dict]:
+        """Classes of a model: names from its ``plan.json``, colours from the job that trained it if any."""
+        model_dir = Path(model_dir)
+        mapping = {}
+        if (model_dir / "plan.json").is_file():
+            mapping = _read_json(model_dir / "plan.json").get("classes") or {}
+        colors, job_classes = {}, []
+        if (model_dir.parent / JOB_FILE).is_file():
+            job_classes = _read_json(model_dir.parent / JOB_FILE).get("classes", [])
+            colors = {export.class_key(c["name"]): c["color"] for c in job_classes}
+        if mapping:
+            return export.classes_from_mapping(mapping, colors)
+        return job_classes
+
+    # ------------------------------------------------------------------------------------------- jobs
+    def _run(self, phases, folder, scene, wait, on_progress, on_log, on_event, on_phase, on_finished,
+             load: bool = True) -> EngineJob:
+        from .job import worker_environment
+
+        job = EngineJob(phases, folder=folder, on_progress=on_progress, on_log=on_log, on_event=on_event,
+                        on_phase=on_phase, env=worker_environment())
+        if load:
+            def load_results(job):
+                if job.status == DONE:
+                    job.result = self.load_predictions(job.folder, scene=scene)
+            job.add_finished_handler(load_results)
+        job.add_finished_handler(_record_status)
+        if on_finished is not None:
+            job.add_finished_handler(on_finished)
+        self.jobs.append(job)
+        job.start()
+        if wait:
+            try:
+                job.wait()
+            except BaseException:
+                job.cancel()
+                raise
+            job.raise_for_status()
+        return job
+
+    def cancel_all(self) -> None:
+        """Cancel every running job (scene close, application exit)."""
+        for job in self.jobs:
+            if job.running:
+                job.cancel()
+
+    # ------------------------------------------------------------------------------------------- results
+    def load_predictions(self, job_or_folder, scene=None) -> list:
+        """Segmentation nodes for the predictions of a job (object or folder), one per predicted volume.
+
+        Volumes are found in the scene (same node, else same name); a volume no longer in the scene is loaded
+        from the job folder."""
+        folder = Path(getattr(job_or_folder, "folder", job_or_folder))
+        meta = _read_json(folder / JOB_FILE)
+        scene = scene or self._get_scene()
+        classes = meta.get("classes") or []
+        if "model_dir" in meta:
+            predictions = folder / meta.get("predictions_dir", PREDICTIONS_DIR)
+        else:
+            predictions = folder / meta.get("run_dir", RUN_DIR) / PREDICTIONS_DIR
+            model_classes = self.model_classes(folder / meta.get("run_dir", RUN_DIR))
+            if model_classes and not classes:
+                classes = model_classes
+        nodes = []
+        for case in meta["cases"]:
+            if case["role"] not in ("unlabeled", "segment"):
+                continue
+            path = predictions / f"{case['stem']}.nii.gz"
+            if not path.is_file():
+                raise EngineError(f"No prediction for {case['volume_name']} ({path} is missing).")
+            volume = self._find_volume(scene, case, folder)
+            node = export.load_labelmap_as_segmentation(path, volume, classes)
+            node.SetAttribute(PREDICTION_ATTRIBUTE, str(folder))
+            nodes.append(node)
+        return nodes
+
+    @staticmethod
+    def _find_volume(scene, case: dict, folder: Path):
+        node = scene.GetNodeByID(case.get("volume_id", ""))
+        if node is not None and node.IsA("vtkMRMLScalarVolumeNode") and node.GetName() == case["volume_name"]:
+            return node
+        nodes = scene.GetNodesByClassByName("vtkMRMLScalarVolumeNode", case["volume_name"])
+        for i in range(nodes.GetNumberOfItems()):
+            candidate = nodes.GetItemAsObject(i)
+            if not candidate.IsA("vtkMRMLLabelMapVolumeNode"):
+                return candidate
+        volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", case["volume_name"])
+        storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        storage.SetFileName(str(folder / case["image"]))
+        if not storage.ReadData(volume):
+            raise EngineError(f"Could not load {folder / case['image']}")
+        volume.SetAndObserveStorageNodeID(storage.GetID())
+        volume.CreateDefaultDisplayNodes()
+        return volume
+
+
+def _record_status(job: EngineJob) -> None:
+    """Keep the job's outcome in job.json (shown when the folder is opened later)."""
+    path = Path(job.folder) / JOB_FILE if job.folder else None
+    if path is None or not path.is_file():
+        return
+    meta = _read_json(path)
+    meta["status"] = job.status
+    meta["error"] = job.error
+    if job.model_dir:
+        meta["engine_model_dir"] = job.model_dir
+    _write_json(path, meta)
