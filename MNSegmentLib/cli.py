@@ -1,0 +1,149 @@
+"""The ``mnsegment`` command: train, resume, predict, evaluate, demo.
+
+Exit codes: 0 done; 2 bad input (one message, no traceback); 3 cancelled by SIGTERM/SIGINT (after saving a
+checkpoint); 1 anything else. With ``--events`` stdout carries only JSON events, one per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import traceback
+from pathlib import Path
+
+from .errors import Cancelled, InputError
+from .events import Events
+
+EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own exit code 2 matches "bad input"
+        self.print_usage(sys.stderr)
+        print(f"mnsegment: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_INPUT)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mnsegment", description="Few-label 3D segmentation by 2D/3D co-training (M&N).")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="train a new model from a datalist")
+    train.add_argument("datalist", type=Path)
+    train.add_argument("--output", type=Path, required=True, help="new run folder")
+    train.add_argument("--preset", default="default", choices=["quick", "default", "paper"])
+    train.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a configuration value, e.g. --set train.steps=2000 (repeatable)")
+    train.add_argument("--events", action="store_true", help="JSON events on stdout, logs on stderr")
+
+    resume = commands.add_parser("resume", help="continue an interrupted training run")
+    resume.add_argument("run_dir", type=Path)
+    resume.add_argument("--device", default=None, help="default: the device the run was started with")
+    resume.add_argument("--events", action="store_true")
+
+    predict = commands.add_parser("predict", help="segment images with a trained run folder")
+    predict.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
+    predict.add_argument("--model", type=Path, required=True, help="a run folder of 'mnsegment train'")
+    predict.add_argument("--output", type=Path, required=True, help="folder for <name>.nii.gz label maps")
+    predict.add_argument("--network", choices=["3d", "2d", "ensemble"], default=None)
+    predict.add_argument("--device", default="auto")
+    predict.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
+    predict.add_argument("--events", action="store_true")
+
+    evaluate = commands.add_parser("evaluate", help="Dice, Jaccard, HD95 and ASD (mm) against references")
+    evaluate.add_argument("--prediction", type=Path, required=True, help="a label map or a folder of them")
+    evaluate.add_argument("--reference", type=Path, required=True, help="a label map or a folder of them")
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    demo = commands.add_parser("demo", help="offline demo: make data, train, predict, compare with baseline")
+    demo.add_argument("--output", type=Path, default=Path("mnsegment_demo"))
+    demo.add_argument("--device", default="auto")
+    return parser
+
+
+def _install_signal_handlers(stop: threading.Event) -> None:
+    def handle(signum: int, frame: object) -> None:
+        logging.getLogger("mnsegment").warning("%s received: saving a checkpoint and stopping",
+                                               signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
+def _print_metrics(result: dict) -> None:
+    print(f"{'case':<24}{'class':>6}{'Dice':>8}{'Jaccard':>9}{'HD95 mm':>9}{'ASD mm':>8}")
+
+    def row(name: str, value: str, m: dict) -> None:
+        cells = [f"{m[k]:.3f}" if m[k] is not None else "-" for k in ("dice", "jaccard")]
+        cells += [f"{m[k]:.2f}" if m[k] is not None else "-" for k in ("hd95_mm", "asd_mm")]
+        print(f"{name:<24}{value:>6}{cells[0]:>8}{cells[1]:>9}{cells[2]:>9}{cells[3]:>8}")
+
+    for name, per_class in result["cases"].items():
+        for value, m in per_class.items():
+            row(name, value, m)
+    for value, m in result["mean"].items():
+        row("mean", value, m)
+
+
+def run(args: argparse.Namespace, events: Events, stop: threading.Event) -> int:
+    from . import workflow
+    from .config import parse_set_args
+
+    if args.command == "train":
+        workflow.train(args.datalist, args.output, args.preset, args.device, parse_set_args(args.overrides),
+                       events, stop)
+    elif args.command == "resume":
+        workflow.resume(args.run_dir, args.device, events, stop)
+    elif args.command == "predict":
+        written = workflow.predict(args.model, args.images, args.output, args.network, args.device, args.overlay,
+                                   events)
+        events.emit("done", outputs=[str(p) for p in written])
+    elif args.command == "evaluate":
+        from .metrics import evaluate
+
+        result = evaluate(args.prediction, args.reference)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            _print_metrics(result)
+    elif args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(args.output, args.device, stop)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    use_events = getattr(args, "events", False)
+    events = Events(use_events, sys.stdout)
+    if use_events:
+        sys.stdout = sys.stderr  # anything a library prints goes to the log, never into the event stream
+    stop = threading.Event()
+    _install_signal_handlers(stop)
+    try:
+        return run(args, events, stop)
+    except InputError as err:
+        print(f"mnsegment: error: {err}", file=sys.stderr)
+        events.emit("error", message=str(err), exit_code=EXIT_INPUT)
+        return EXIT_INPUT
+    except Cancelled:
+        print("mnsegment: cancelled; continue with 'mnsegment resume RUN_DIR'", file=sys.stderr)
+        events.emit("cancelled")
+        return EXIT_CANCELLED
+    except Exception as err:  # noqa: BLE001 - the worker must always end with an exit code and an event
+        traceback.print_exc()
+        events.emit("error", message=f"{type(err).__name__}: {err}", exit_code=EXIT_ERROR)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Presets, dotted-key overrides and the resolved configuration saved in every run folder."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+
+# Values shared by every preset; each preset below overrides a few of them.
+_BASE: dict[str, Any] = {
+    "seed": 0,
+    "data": {
+        "target_spacing": None,  # [x, y, z] in mm; None = median spacing of the labeled cases (nnU-Net style)
+        "normalization": "auto",  # auto | ct | mr | none
+        "ct_window": None,  # [low, high] HU; None = 0.5/99.5 percentiles of labeled foreground
+        "slice_axis": 2,  # axis of the canonical (x, y, z) array along which the 2D model sees slices
+    },
+    "sampling": {
+        "patch_size": [96, 96, 48],
+        "batch_size": 4,
+        "foreground_fraction": 0.5,  # share of crops centred on (pseudo-)foreground
+        "scale_jitter": 0.1,  # isotropic scale in [1 - j, 1 + j]
+        "intensity_aug": True,
+    },
+    "model2d": {
+        "name": "tf_efficientnet_lite0",
+        "weights": "imagenet",  # imagenet | none | /path/to/weights.pth
+        "adaptation": "lora",  # lora | frozen | full
+        "lora_rank": 16,
+        "lora_alpha": 16,
+        "lora_dropout": 0.1,
+        "decoder_channels": 64,
+        "chunk_slices": 128,  # slices per 2D forward pass; bounds memory on large patches
+    },
+    "model3d": {
+        "name": "UNet",
+        "kwargs": {
+            "channels": [32, 64, 128, 256, 512],
+            "strides": [2, 2, 2, 2],
+            "num_res_units": 2,
+            "norm": "instance",
+        },
+    },
+    "train": {
+        "steps": 12000,
+        "warmup_fraction": 0.125,  # stage 1 (labeled only) as a share of all steps
+        "lr_warmup_fraction": 0.1,  # linear LR warm-up as a share of stage 1
+        "lr_2d": 1e-3,
+        "lr_3d": 1e-4,
+        "weight_decay": 1e-2,
+        "alternate_every": 8,  # stage 2 switches student every this many steps (the reference's "epoch")
+        "refresh_at": [0.25, 0.375, 0.5, 0.75],  # pseudo-mask refresh points, shares of all steps
+        "checkpoint_every": 500,  # steps
+        "validate_every": 500,  # steps; only when the datalist has validation cases
+        "amp": True,  # mixed precision on CUDA (ignored on CPU)
+    },
+    "lrg": {
+        "mode": "lr",  # lr | linear | fixed | off
+        "share": 0.5,  # the constant share for mode "fixed"
+        "cap": 0.8,
+    },
+    "inference": {
+        "network": "3d",  # 3d | 2d | ensemble
+        "overlap": 0.5,
+        "sw_batch_size": 2,
+        "tta": False,  # average over flips along each spatial axis
+        "largest_component": False,
+    },
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The reference code's hyper-parameters (METHOD.md): 4000 epochs x 8 iterations, batch 5, 160x160x64.
+    "paper": {
+        "sampling": {"patch_size": [160, 160, 64], "batch_size": 5},
+        "model2d": {"name": "resnet50", "lora_rank": 64, "lora_alpha": 64, "chunk_slices": 64},
+        "train": {"steps": 32000, "checkpoint_every": 1000, "validate_every": 1000},
+    },
+    "default": {},
+    # CPU-sized: small patches, a small 3D U-Net and few steps; a small dataset trains in a few minutes.
+    "quick": {
+        "sampling": {"patch_size": [48, 48, 32], "batch_size": 4},
+        "model2d": {"decoder_channels": 32, "lora_rank": 8, "lora_alpha": 8},
+        "model3d": {
+            "kwargs": {"channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 1, "norm": "instance"}
+        },
+        "train": {"steps": 400, "lr_3d": 2e-3, "checkpoint_every": 100, "validate_every": 100},
+        "inference": {"overlap": 0.25, "sw_batch_size": 4},
+    },
+}
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "kwargs":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def preset(name: str) -> dict[str, Any]:
+    """The full configuration of a named preset."""
+    if name not in PRESETS:
+        raise InputError(f"unknown preset '{name}': choose one of {', '.join(PRESETS)}")
+    return _merge(_BASE, PRESETS[name])
+
+
+def parse_value(text: str) -> Any:
+    """A --set value: JSON when it parses (numbers, lists, true/false/null), else the plain string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Sets dotted keys (``train.steps``); a key that the configuration lacks is an error, not a silent no-op."""
+    out = copy.deepcopy(config)
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node = out
+        for i, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                if isinstance(node, dict) and i == len(parts) - 1 and parts[i - 1 : i] == ["kwargs"]:
+                    break  # model3d.kwargs.X may add a new network argument
+                raise InputError(
+                    f"unknown setting '{dotted}': see the configuration keys in README.md "
+                    f"or config.json of a run folder"
+                )
+            if i < len(parts) - 1:
+                node = node[part]
+        node[parts[-1]] = value
+    validate(out)
+    return out
+
+
+def parse_set_args(items: list[str]) -> dict[str, Any]:
+    """``["train.steps=100", ...]`` -> ``{"train.steps": 100}``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--set expects KEY=VALUE, got '{item}'")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def _check(condition: bool, key: str, what: str) -> None:
+    if not condition:
+        raise InputError(f"invalid setting {key}: {what}")
+
+
+def validate(config: dict[str, Any]) -> None:
+    """Refuses values that would fail later, deep inside training, with an unclear error."""
+    s, t, lrg, m2 = config["sampling"], config["train"], config["lrg"], config["model2d"]
+    _check(
+        isinstance(s["patch_size"], list) and len(s["patch_size"]) == 3 and all(
+            isinstance(v, int) and v >= 8 for v in s["patch_size"]),
+        "sampling.patch_size", "three integers >= 8, e.g. [96,96,48]",
+    )
+    _check(isinstance(s["batch_size"], int) and s["batch_size"] >= 1, "sampling.batch_size", "an integer >= 1")
+    _check(0 <= s["foreground_fraction"] <= 1, "sampling.foreground_fraction", "a number in [0, 1]")
+    _check(0 <= s["scale_jitter"] < 0.5, "sampling.scale_jitter", "a number in [0, 0.5)")
+    _check(isinstance(t["steps"], int) and t["steps"] >= 2, "train.steps", "an integer >= 2")
+    _check(0 < t["warmup_fraction"] <= 1, "train.warmup_fraction", "a number in (0, 1]")
+    _check(0 <= t["lr_warmup_fraction"] < 1, "train.lr_warmup_fraction", "a number in [0, 1)")
+    _check(t["lr_2d"] > 0 and t["lr_3d"] > 0, "train.lr_2d/lr_3d", "positive numbers")
+    _check(isinstance(t["alternate_every"], int) and t["alternate_every"] >= 1, "train.alternate_every",
+           "an integer >= 1")
+    _check(all(0 < f < 1 for f in t["refresh_at"]), "train.refresh_at", "shares of all steps in (0, 1)")
+    _check(lrg["mode"] in ("lr", "linear", "fixed", "off"), "lrg.mode", "one of lr, linear, fixed, off")
+    _check(0 <= lrg["share"] <= 1 and 0 <= lrg["cap"] <= 1, "lrg.share/lrg.cap", "numbers in [0, 1]")
+    _check(m2["adaptation"] in ("lora", "frozen", "full"), "model2d.adaptation", "one of lora, frozen, full")
+    _check(config["data"]["normalization"] in ("auto", "ct", "mr", "none"), "data.normalization",
+           "one of auto, ct, mr, none")
+    _check(config["data"]["slice_axis"] in (0, 1, 2), "data.slice_axis", "0, 1 or 2")
+    _check(config["inference"]["network"] in ("3d", "2d", "ensemble"), "inference.network",
+           "one of 3d, 2d, ensemble")
+    spacing = config["data"]["target_spacing"]
+    _check(spacing is None or (isinstance(spacing, list) and len(spacing) == 3 and all(v > 0 for v in spacing)),
+           "data.target_spacing", "null (automatic) or three positive numbers in mm")
+
+
+def save(config: dict[str, Any], path: Path) -> None:
+    from .io import write_json_atomic
+
+    write_json_atomic(path, config)
+
+
+def load(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path} not found: is this an MNSegment run folder?") from None

@@ -1,0 +1,99 @@
+"""Reading and writing images (SimpleITK) and small files, always atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".seg.nrrd")
+
+
+def case_name(path: str | Path) -> str:
+    """File name without its image extension (``a/b/ct_01.nii.gz`` -> ``ct_01``); a DICOM folder's own name."""
+    name = Path(path).name
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def read_image(path: str | Path) -> sitk.Image:
+    """Reads a NIfTI/NRRD/NHDR/MHA/MHD file or a DICOM series folder as one 3D scalar image."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found; check the path in your datalist or command line")
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            series = reader.GetGDCMSeriesIDs(str(path))
+            if not series:
+                raise InputError(f"{path}: a folder, but no DICOM series was found in it")
+            if len(series) > 1:
+                raise InputError(
+                    f"{path}: holds {len(series)} DICOM series; put each series in its own folder"
+                )
+            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+            image = reader.Execute()
+        else:
+            image = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else "unreadable"
+        raise InputError(f"{path}: cannot be read as an image ({first}); use NIfTI, NRRD, MHA or DICOM") from None
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
+                         "MNSegment needs a scalar (grey-level) 3D image")
+    if image.GetDimension() == 4 and image.GetSize()[3] == 1:
+        image = image[:, :, :, 0]
+    if image.GetDimension() != 3:
+        raise InputError(f"{path}: is {image.GetDimension()}D; MNSegment needs a 3D image")
+    return image
+
+
+def array_xyz(image: sitk.Image, dtype: Any = np.float32) -> np.ndarray:
+    """Voxel array in (x, y, z) index order (SimpleITK gives (z, y, x))."""
+    return np.ascontiguousarray(sitk.GetArrayFromImage(image).transpose(2, 1, 0)).astype(dtype, copy=False)
+
+
+def image_from_xyz(array: np.ndarray, like: sitk.Image | None = None) -> sitk.Image:
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+    if like is not None:
+        image.CopyInformation(like)
+    return image
+
+
+def _temp_beside(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + "".join(path.suffixes), dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> Path:
+    """Writes so that ``path`` is either absent or complete: temp file in the same folder, then rename."""
+    path = Path(path)
+    tmp = _temp_beside(path)
+    try:
+        sitk.WriteImage(image, str(tmp), compress)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    path = Path(path)
+    tmp = _temp_beside(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

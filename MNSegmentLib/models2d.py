@@ -1,0 +1,108 @@
+"""The 2D network: any timm encoder (``features_only``) + a light U-Net-style decoder, adapted by LoRA."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InputError
+
+_NORMS = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+
+
+def _conv_block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class SliceSegmenter(nn.Module):
+    """Grey slices (B, 1, H, W) -> class logits (B, K, H, W).
+
+    The grey channel is repeated to the three channels that natural-image weights expect. Like the reference's
+    head, the finest decoder features are concatenated with the input itself before the classifier, which keeps
+    thin boundaries that the encoder's stride-2 stem loses.
+    """
+
+    def __init__(self, encoder: nn.Module, num_classes: int, decoder_channels: int = 64):
+        super().__init__()
+        self.encoder = encoder
+        channels = encoder.feature_info.channels()
+        self.blocks = nn.ModuleList()
+        deeper = channels[-1]
+        for skip in reversed(channels[:-1]):
+            self.blocks.append(_conv_block(deeper + skip, decoder_channels))
+            deeper = decoder_channels
+        self.head = nn.Sequential(_conv_block(deeper + 1, max(decoder_channels // 2, 8)),
+                                  nn.Conv2d(max(decoder_channels // 2, 8), num_classes, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.encoder(x.expand(-1, 3, -1, -1))
+        y = features[-1]
+        for skip, block in zip(reversed(features[:-1]), self.blocks):
+            y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            y = block(torch.cat([y, skip], 1))
+        y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.head(torch.cat([y, x.to(y.dtype)], 1))
+
+
+def _lora_targets(encoder: nn.Module) -> list[str]:
+    """Linear layers (attention/MLP projections of transformers) and plain convolutions.
+
+    Depthwise convolutions and timm's dynamic-"same"-padding convolutions are left out: LoRA's low-rank
+    convolution copies the base layer's static padding and would produce a differently sized output.
+    """
+    names = []
+    for name, module in encoder.named_modules():
+        if isinstance(module, nn.Linear):
+            names.append(name)
+        elif isinstance(module, nn.Conv2d) and module.groups == 1:
+            pointwise = module.kernel_size == (1, 1) and module.stride == (1, 1)
+            if pointwise or type(module) is nn.Conv2d:
+                names.append(name)
+    return names
+
+
+def _adapt(encoder: nn.Module, model2d: dict) -> nn.Module:
+    mode = model2d["adaptation"]
+    if mode == "full":
+        return encoder
+    if mode == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        targets = _lora_targets(encoder)
+        if not targets:
+            raise InputError(f"model2d.adaptation=lora: {model2d['name']} has no linear or plain convolution "
+                             "layer to adapt; use model2d.adaptation=full or frozen")
+        lora = LoraConfig(r=model2d["lora_rank"], lora_alpha=model2d["lora_alpha"],
+                          lora_dropout=model2d["lora_dropout"], target_modules=targets)
+        encoder = inject_adapter_in_model(lora, encoder)
+    for name, param in encoder.named_parameters():
+        param.requires_grad = mode == "lora" and "lora_" in name
+    if mode == "lora":  # normalisation layers are trained too (re-calibrates them to medical intensities)
+        for module in encoder.modules():
+            if isinstance(module, _NORMS):
+                for param in module.parameters(recurse=False):
+                    param.requires_grad = True
+    return encoder
+
+
+def build_model2d(model2d: dict, num_classes: int, load_weights: bool = True) -> tuple[SliceSegmenter, str]:
+    """Builds the 2D network; returns it with a description of the weights it starts from.
+
+    ``load_weights=False`` skips pretrained weights (prediction loads the trained state dict instead).
+    """
+    import timm
+
+    name = model2d["name"]
+    try:
+        encoder = timm.create_model(name, pretrained=False, features_only=True, in_chans=3)
+    except (RuntimeError, ValueError) as err:
+        raise InputError(f"model2d.name={name}: not a timm model with features_only support ({err}); "
+                         "see timm.list_models()") from None
+    description = "randomly initialised"
+    if load_weights:
+        from .pretrained import load_encoder_weights
+
+        description = load_encoder_weights(encoder, name, str(model2d["weights"]))
+    encoder = _adapt(encoder, model2d)
+    return SliceSegmenter(encoder, num_classes, model2d["decoder_channels"]), description

@@ -1,0 +1,109 @@
+"""Random training patches: foreground-biased crops with scale jitter and intensity augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.transforms import (
+    Compose,
+    RandAdjustContrast,
+    RandGaussianNoise,
+    RandGaussianSmooth,
+    RandScaleIntensity,
+    RandShiftIntensity,
+)
+
+_MAX_COORDS = 20000  # foreground coordinates kept per class and case: enough to sample from, small in memory
+
+
+def foreground_coords(mask: np.ndarray | None, rng: np.random.Generator) -> list[np.ndarray]:
+    """Per foreground class, up to ``_MAX_COORDS`` voxel coordinates (int32, (n, 3)); empty classes dropped.
+
+    Precomputed once per (pseudo-)mask so choosing a crop centre is O(1), instead of scanning the volume
+    for every patch as a generic crop transform would.
+    """
+    if mask is None:
+        return []
+    coords = []
+    for value in np.unique(mask):
+        if value == 0:
+            continue
+        where = np.argwhere(mask == value).astype(np.int32)
+        if len(where) > _MAX_COORDS:
+            where = where[rng.choice(len(where), _MAX_COORDS, replace=False)]
+        coords.append(where)
+    return coords
+
+
+def intensity_augmentation() -> Compose:
+    """Applied to every patch image (labels untouched); MONAI array transforms, seeded per step."""
+    return Compose([
+        RandScaleIntensity(factors=0.1, prob=0.5),
+        RandShiftIntensity(offsets=0.1, prob=0.5),
+        RandAdjustContrast(prob=0.3, gamma=(0.7, 1.5)),
+        RandGaussianSmooth(sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0), prob=0.15),
+        RandGaussianNoise(prob=0.3, std=0.05),
+    ])
+
+
+class PatchSampler:
+    """Draws patches from in-memory preprocessed volumes."""
+
+    def __init__(self, images: list[np.ndarray], labels: list[np.ndarray | None], patch_size: list[int],
+                 foreground_fraction: float, scale_jitter: float, intensity_aug: bool):
+        self.images = images
+        self.labels = labels
+        self.patch_size = np.array(patch_size)
+        self.foreground_fraction = foreground_fraction
+        self.scale_jitter = scale_jitter
+        self.augment = intensity_augmentation() if intensity_aug else None
+        self.coords = [foreground_coords(label, np.random.default_rng(0)) for label in labels]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def set_masks(self, masks: list[np.ndarray]) -> None:
+        """Crop-centre masks for volumes without labels (the latest hard pseudo-masks)."""
+        self.coords = [foreground_coords(mask, np.random.default_rng(0)) for mask in masks]
+
+    def _centre(self, index: int, rng: np.random.Generator) -> np.ndarray:
+        coords = self.coords[index]
+        if coords and rng.random() < self.foreground_fraction:
+            chosen = coords[rng.integers(len(coords))]  # classes equally likely: small structures get seen
+            return chosen[rng.integers(len(chosen))]
+        return np.array([rng.integers(s) for s in self.images[index].shape])
+
+    def _crop(self, array: np.ndarray, centre: np.ndarray, size: np.ndarray, mode: str) -> np.ndarray:
+        start = centre - size // 2
+        lo = np.maximum(start, 0)
+        hi = np.minimum(start + size, array.shape)
+        patch = array[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        pad = [(int(a), int(b)) for a, b in zip(lo - start, start + size - hi)]
+        if any(a or b for a, b in pad):  # near a border or in a volume smaller than the patch
+            patch = np.pad(patch, pad, mode=mode)
+        return patch
+
+    def sample(self, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``n`` patches (n, 1, X, Y, Z) float and, for labeled volumes, their labels (n, 1, X, Y, Z) long."""
+        if n == 0:
+            return torch.zeros((0, 1, *self.patch_size)), None
+        images, labels = [], []
+        size = tuple(int(v) for v in self.patch_size)
+        for _ in range(n):
+            index = int(rng.integers(len(self.images)))
+            scale = 1 + rng.uniform(-self.scale_jitter, self.scale_jitter)
+            crop = np.maximum(np.round(self.patch_size * scale).astype(int), 1)
+            centre = self._centre(index, rng)
+            image = torch.from_numpy(self._crop(self.images[index], centre, crop, "edge"))[None, None]
+            images.append(F.interpolate(image, size=size, mode="trilinear", align_corners=False)[0]
+                          if tuple(crop) != size else image[0])
+            if self.labels[index] is not None:
+                label = torch.from_numpy(self._crop(self.labels[index], centre, crop, "constant"))[None, None]
+                labels.append(F.interpolate(label.float(), size=size, mode="nearest")[0].long()
+                              if tuple(crop) != size else label[0].long())
+        batch = torch.stack(images)
+        if self.augment is not None:
+            self.augment.set_random_state(seed=int(rng.integers(2**31)))
+            batch = torch.stack([torch.as_tensor(self.augment(patch)) for patch in batch])
+        return batch.float(), (torch.stack(labels) if labels else None)

@@ -1,0 +1,292 @@
+"""The M&N co-training loop.
+
+Stage 1 trains both networks on labeled patches. Stage 2 alternates students every ``alternate_every`` steps:
+the other network, frozen and in eval mode, predicts the same augmented unlabeled patches and its softmax is
+the student's target; labeled and unlabeled patches share one batch and one loss. How many patches of the
+batch are unlabeled follows the learning rate (:mod:`lrg`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .datalist import Datalist
+from .device import amp_for
+from .errors import Cancelled, InputError
+from .events import Events
+from .inference import predict_array, predictor
+from .losses import dice_kl_loss, one_hot
+from .lrg import split_batch, unlabeled_share
+from .models2d import build_model2d
+from .models3d import build_model3d
+from .preprocess import Plan, load_cached
+from .sampling import PatchSampler
+from .schedule import lr_factor, stage_bounds
+from .slicing import apply_2d
+
+log = logging.getLogger("mnsegment")
+
+CHECKPOINT = "checkpoint.pt"
+MODEL = "model.pt"
+
+
+def step_rng(seed: int, step: int, stream: int) -> np.random.Generator:
+    """Randomness of one step derived from (seed, step): a resumed run draws exactly what the original would."""
+    return np.random.default_rng([seed, step, stream])
+
+
+def dice_scores(prediction: np.ndarray, label: np.ndarray, num_classes: int) -> list[float]:
+    """Foreground Dice per class on index arrays (a quick in-training check, not the reported metric)."""
+    scores = []
+    for k in range(1, num_classes):
+        p, t = prediction == k, label == k
+        denominator = p.sum() + t.sum()
+        scores.append(float(2 * (p & t).sum() / denominator) if denominator else 1.0)
+    return scores
+
+
+class Trainer:
+    def __init__(self, run_dir: Path, config: dict, plan: Plan, datalist: Datalist, device: torch.device,
+                 events: Events, stop: threading.Event | None = None):
+        self.run_dir, self.config, self.plan, self.device = run_dir, config, plan, device
+        self.events = events
+        self.stop = stop or threading.Event()
+        self.num_classes = len(plan.label_values)
+        self.seed = int(config["seed"])
+        self.total, self.stage2, self.warmup = stage_bounds(config)
+        self.amp = amp_for(device, config["train"]["amp"])
+        torch.manual_seed(self.seed)
+
+        cache = run_dir / "cache"
+        labeled = [load_cached(cache, c) for c in datalist.labeled]
+        self.unlabeled_images = [load_cached(cache, c)[0] for c in datalist.unlabeled]
+        self.validation = [load_cached(cache, c) for c in datalist.validation]
+        s = config["sampling"]
+        self.labeled = PatchSampler([i for i, _ in labeled], [lab for _, lab in labeled], s["patch_size"],
+                                    s["foreground_fraction"], s["scale_jitter"], s["intensity_aug"])
+        self.unlabeled = PatchSampler(self.unlabeled_images, [None] * len(self.unlabeled_images),
+                                      s["patch_size"], s["foreground_fraction"], s["scale_jitter"],
+                                      s["intensity_aug"])
+
+        load_pretrained = not (run_dir / CHECKPOINT).exists()
+        self.model2d, self.weights_2d = build_model2d(config["model2d"], self.num_classes, load_pretrained)
+        self.model3d = build_model3d(config["model3d"], self.num_classes)
+        self.model2d.to(device)
+        self.model3d.to(device)
+        self._check_shapes()
+        t = config["train"]
+        self.opt2d = torch.optim.AdamW([p for p in self.model2d.parameters() if p.requires_grad], lr=t["lr_2d"],
+                                       weight_decay=t["weight_decay"])
+        self.opt3d = torch.optim.AdamW([p for p in self.model3d.parameters() if p.requires_grad], lr=t["lr_3d"],
+                                       weight_decay=t["weight_decay"])
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp.use_scaler)
+        self.step = 0
+        self.history: list[dict] = []
+        self.masks_version = -1  # which refresh point the pseudo-masks on disk belong to
+        if not load_pretrained:
+            self._load_checkpoint()
+
+    # -- set-up ---------------------------------------------------------------------------------------------
+    def _check_shapes(self) -> None:
+        """One forward pass on a zero patch: a patch size the 3D network cannot take fails here, clearly."""
+        patch = self.config["sampling"]["patch_size"]
+        x = torch.zeros(1, 1, *patch, device=self.device)
+        with torch.no_grad():
+            try:
+                out3d = self.model3d.eval()(x)
+            except RuntimeError as err:
+                raise InputError(f"sampling.patch_size={patch} does not fit model3d {self.config['model3d']}"
+                                 f" ({str(err).splitlines()[0]}); use sizes divisible by the network's total "
+                                 "stride (e.g. multiples of 16)") from None
+        self.model3d.train()
+        if tuple(out3d.shape[2:]) != tuple(patch):
+            raise InputError(f"model3d returns {tuple(out3d.shape[2:])} for a {tuple(patch)} patch; choose a "
+                             "patch size divisible by the network's total stride")
+
+    def _load_checkpoint(self) -> None:
+        state = checkpoint.load(self.run_dir / CHECKPOINT, self.device)
+        self.model2d.load_state_dict(state["model2d"])
+        self.model3d.load_state_dict(state["model3d"])
+        self.opt2d.load_state_dict(state["opt2d"])
+        self.opt3d.load_state_dict(state["opt3d"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.history = state["step"], state["history"]
+        self.masks_version = state["masks_version"]
+        self.weights_2d = state.get("weights_2d", self.weights_2d)
+        if self.masks_version >= 0:
+            self.unlabeled.set_masks([np.load(self._mask_path(i)) for i in range(len(self.unlabeled_images))])
+        log.info("resuming at step %d of %d", self.step, self.total)
+
+    def save_checkpoint(self) -> Path:
+        path = checkpoint.save_atomic({
+            "step": self.step, "model2d": self.model2d.state_dict(), "model3d": self.model3d.state_dict(),
+            "opt2d": self.opt2d.state_dict(), "opt3d": self.opt3d.state_dict(),
+            "scaler": self.scaler.state_dict(), "history": self.history, "masks_version": self.masks_version,
+            "weights_2d": self.weights_2d,
+        }, self.run_dir / CHECKPOINT)
+        self.events.emit("checkpoint", path=str(path), step=self.step)
+        return path
+
+    # -- pseudo-masks ---------------------------------------------------------------------------------------
+    def _mask_path(self, index: int) -> Path:
+        return self.run_dir / "pseudo" / f"{index:04d}.npy"
+
+    def refresh_points(self) -> list[int]:
+        """Steps at which the 3D model re-predicts the unlabeled volumes (start of stage 2, then refresh_at)."""
+        points = {self.stage2} | {int(round(f * self.total)) for f in self.config["train"]["refresh_at"]}
+        return sorted(p for p in points if self.stage2 <= p < self.total)
+
+    def _predict_volume(self, array: np.ndarray, network: str) -> np.ndarray:
+        model = self.model3d if network == "3d" else self.model2d
+        model.eval()
+        predict = predictor(network, self.model2d, self.model3d, self.config["data"]["slice_axis"],
+                            self.config["model2d"]["chunk_slices"])
+        inference = self.config["inference"]
+        probabilities = predict_array(array, predict, self.config["sampling"]["patch_size"], self.device,
+                                      inference["overlap"], inference["sw_batch_size"],
+                                      autocast_dtype=self.amp.dtype)
+        model.train()
+        return probabilities.argmax(0).numpy().astype(np.uint8)
+
+    def refresh_masks(self, version: int) -> None:
+        """Hard 3D predictions of every unlabeled volume; used only to aim unlabeled crops at foreground."""
+        if not self.unlabeled_images:
+            return
+        started = time.monotonic()
+        masks = []
+        for i, array in enumerate(self.unlabeled_images):
+            if self.stop.is_set():
+                return  # the caller saves a checkpoint; masks are recomputed on resume
+            masks.append(self._predict_volume(array, "3d"))
+            self._mask_path(i).parent.mkdir(exist_ok=True)
+            np.save(self._mask_path(i), masks[-1])
+        self.unlabeled.set_masks(masks)
+        self.masks_version = version
+        log.info("pseudo-masks of %d unlabeled volumes refreshed in %.1f s", len(masks),
+                 time.monotonic() - started)
+
+    def validate(self) -> float | None:
+        if not self.validation:
+            return None
+        scores = []
+        for image, label in self.validation:
+            scores += dice_scores(self._predict_volume(image, "3d"), label, self.num_classes)
+        return float(np.mean(scores))
+
+    # -- one step -------------------------------------------------------------------------------------------
+    def _students(self, step: int) -> tuple[bool, bool]:
+        """(train 2D, train 3D) at ``step``: both in stage 1, alternating in stage 2 (2D first)."""
+        if step < self.stage2:
+            return True, True
+        two_d_turn = ((step - self.stage2) // self.config["train"]["alternate_every"]) % 2 == 0
+        return two_d_turn, not two_d_turn
+
+    def _forward(self, network: str, x: torch.Tensor) -> torch.Tensor:
+        if network == "3d":
+            return self.model3d(x)
+        return apply_2d(self.model2d, x, self.config["data"]["slice_axis"], self.config["model2d"]["chunk_slices"],
+                        recompute=True)
+
+    def _train_student(self, network: str, x_l: torch.Tensor, y_l: torch.Tensor | None,
+                       x_u: torch.Tensor) -> float:
+        student = self.model2d if network == "2d" else self.model3d
+        optimizer = self.opt2d if network == "2d" else self.opt3d
+        targets = [one_hot(y_l, self.num_classes)] if y_l is not None else []
+        with torch.autocast(self.device.type, dtype=self.amp.dtype, enabled=self.amp.dtype is not None):
+            if len(x_u):
+                teacher = "3d" if network == "2d" else "2d"
+                teacher_model = self.model3d if teacher == "3d" else self.model2d
+                teacher_model.eval()
+                with torch.no_grad():
+                    targets.append(torch.softmax(self._forward(teacher, x_u).float(), 1))
+                teacher_model.train()
+            x = torch.cat([x_l, x_u]) if len(x_u) else x_l
+            loss = dice_kl_loss(self._forward(network, x), torch.cat(targets))
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return float(loss.detach())
+
+    def train_step(self) -> dict:
+        step, t, lrg = self.step, self.config["train"], self.config["lrg"]
+        factor = lr_factor(step, self.total, self.stage2, self.warmup)
+        for optimizer, peak in ((self.opt2d, t["lr_2d"]), (self.opt3d, t["lr_3d"])):
+            for group in optimizer.param_groups:
+                group["lr"] = peak * factor
+        rng = step_rng(self.seed, step, 0)
+        torch.manual_seed(int(rng.integers(2**62)))  # dropout etc.: also a function of (seed, step)
+        share = unlabeled_share(lrg["mode"], step, self.stage2, self.total, factor, 1.0, lrg["share"], lrg["cap"])
+        if not len(self.unlabeled):
+            share = 0.0
+        batch = self.config["sampling"]["batch_size"]
+        n_unlabeled = split_batch(share, batch, rng)
+        x_l, y_l = self.labeled.sample(batch - n_unlabeled, rng)
+        x_u, _ = self.unlabeled.sample(n_unlabeled, rng)
+        x_l, x_u = x_l.to(self.device), x_u.to(self.device)
+        y_l = y_l.to(self.device) if y_l is not None else None
+        train_2d, train_3d = self._students(step)
+        losses = {"loss_2d": None, "loss_3d": None}
+        if train_2d:
+            losses["loss_2d"] = self._train_student("2d", x_l, y_l, x_u)
+        if train_3d:
+            losses["loss_3d"] = self._train_student("3d", x_l, y_l, x_u)
+        return {"step": step, "stage": "warmup" if step < self.stage2 else "cotrain",
+                "unlabeled_share": n_unlabeled / batch, "lr_2d": t["lr_2d"] * factor, "lr_3d": t["lr_3d"] * factor,
+                **losses}
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    def run(self) -> Path:
+        """Trains to the end (or raises Cancelled after saving a checkpoint); returns the run folder."""
+        t = self.config["train"]
+        refresh = self.refresh_points()
+        self.events.emit("start", total_steps=self.total, step=self.step, device=str(self.device),
+                         weights_2d=self.weights_2d, stage2_start=self.stage2,
+                         labeled=len(self.labeled), unlabeled=len(self.unlabeled))
+        log.info("training on %s: %d labeled, %d unlabeled volumes; 2D %s (%s); %d steps, co-training from %d",
+                 self.device, len(self.labeled), len(self.unlabeled), self.config["model2d"]["name"],
+                 self.weights_2d, self.total, self.stage2)
+        step_times: list[float] = []
+        last_event = 0.0
+        while self.step < self.total:
+            if self.stop.is_set():
+                self.save_checkpoint()
+                raise Cancelled()
+            due = [i for i, p in enumerate(refresh) if p <= self.step]
+            if due and due[-1] > self.masks_version:
+                self.refresh_masks(due[-1])
+                continue  # re-checks the stop flag before the step
+            started = time.monotonic()
+            record = self.train_step()
+            step_times.append(time.monotonic() - started)
+            self.step += 1
+            if self.step % t["validate_every"] == 0 or self.step == self.total:
+                record["val_dice"] = self.validate()
+            self.history.append(record)
+            now = time.monotonic()
+            if now - last_event >= 1.0 or self.step == self.total or self.step == self.stage2:
+                recent = step_times[-50:]
+                eta = float(np.mean(recent)) * (self.total - self.step)
+                self.events.emit("progress", **{**record, "step": self.step}, total_steps=self.total, eta_s=eta)
+                if now - last_event >= 10 or self.step == self.total:
+                    log.info("step %d/%d %s share %.2f loss2d %s loss3d %s eta %.0fs", self.step, self.total,
+                             record["stage"], record["unlabeled_share"], _fmt(record["loss_2d"]),
+                             _fmt(record["loss_3d"]), eta)
+                last_event = now
+            if self.step % t["checkpoint_every"] == 0 and self.step < self.total:
+                self.save_checkpoint()
+        self.save_checkpoint()
+        checkpoint.save_atomic({"model2d": self.model2d.state_dict(), "model3d": self.model3d.state_dict()},
+                               self.run_dir / MODEL)
+        return self.run_dir
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -1,0 +1,176 @@
+"""What the commands do: train, resume, predict, evaluate. Used by the CLI and usable from Python."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import SimpleITK as sitk
+import torch
+
+from . import config as configuration
+from .datalist import load_datalist
+from .device import amp_for, resolve_device
+from .errors import InputError
+from .events import Events
+from .inference import predict_files, predictor
+from .io import write_json_atomic
+from .models2d import build_model2d
+from .models3d import build_model3d
+from .preprocess import Plan, preprocess_datalist
+from .trainer import CHECKPOINT, MODEL, Trainer
+
+log = logging.getLogger("mnsegment")
+
+
+def _fresh_output(output: Path) -> None:
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        if (output / CHECKPOINT).exists():
+            raise InputError(f"{output} already holds a training run; continue it with "
+                             f"'mnsegment resume {output}' or choose another --output folder")
+        raise InputError(f"{output} exists and is not empty; choose a new --output folder")
+
+
+def train(datalist_path: str | Path, output: str | Path, preset: str = "quick", device: str = "auto",
+          overrides: dict | None = None, events: Events | None = None,
+          stop: threading.Event | None = None) -> Path:
+    """Checks and preprocesses everything into a new run folder, then trains. Returns the run folder.
+
+    Bad input raises InputError before anything is left in ``output``.
+    """
+    events = events or Events(False)
+    output = Path(output).absolute()
+    config = configuration.apply_overrides(configuration.preset(preset), overrides or {})
+    config["preset"] = preset
+    datalist = load_datalist(datalist_path)
+    torch_device = resolve_device(device)
+    _fresh_output(output)
+    # Everything is prepared in a hidden sibling folder and renamed at the end: an error or a cancel during
+    # preprocessing leaves no half-made run folder behind.
+    partial = output.parent / f".{output.name}.partial-{os.getpid()}"
+    try:
+        log.info("checking and preprocessing %d labeled, %d unlabeled volumes", len(datalist.labeled),
+                 len(datalist.unlabeled))
+        stop = stop or threading.Event()
+        plan = preprocess_datalist(datalist, config, partial / "cache", stop.is_set)
+        if stop.is_set():
+            from .errors import Cancelled
+
+            raise Cancelled()
+        config["device"] = device
+        configuration.save(config, partial / "config.json")
+        write_json_atomic(partial / "plan.json", plan.to_json())
+        write_json_atomic(partial / "datalist.json", datalist.to_json())
+        if output.exists():
+            output.rmdir()
+        os.replace(partial, output)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    log.info("plan: spacing %s mm, %s normalisation, classes %s", plan.target_spacing, plan.normalization,
+             plan.classes)
+    return _run(output, config, plan, torch_device, events, stop)
+
+
+def resume(run_dir: str | Path, device: str | None = None, events: Events | None = None,
+           stop: threading.Event | None = None) -> Path:
+    """Continues a run from its last checkpoint (or from the start if it was stopped before the first one)."""
+    run_dir = Path(run_dir).absolute()
+    config = configuration.load(run_dir / "config.json")
+    if (run_dir / MODEL).exists():
+        raise InputError(f"{run_dir} has finished training already (model.pt exists); nothing to resume")
+    plan = Plan.from_json(configuration.load(run_dir / "plan.json"))
+    torch_device = resolve_device(device or config.get("device", "auto"))
+    return _run(run_dir, config, plan, torch_device, events or Events(False), stop)
+
+
+def _run(run_dir: Path, config: dict, plan: Plan, device: torch.device, events: Events,
+         stop: threading.Event | None) -> Path:
+    datalist = load_datalist(run_dir / "datalist.json")
+    trainer = Trainer(run_dir, config, plan, datalist, device, events, stop)
+    trainer.run()
+    _write_curves(run_dir, trainer.history)
+    events.emit("done", model_dir=str(run_dir))
+    return run_dir
+
+
+def _write_curves(run_dir: Path, history: list[dict]) -> None:
+    from .plots import plot_learning_curves
+
+    path = plot_learning_curves(history, run_dir / "curves.png", title=run_dir.name)
+    log.info("learning curves: %s", path)
+
+
+def load_models(run_dir: Path, device: torch.device) -> tuple[dict, Plan, torch.nn.Module, torch.nn.Module]:
+    """The trained networks of a run folder, in eval mode (no pretrained weights or network access needed)."""
+    config = configuration.load(run_dir / "config.json")
+    plan = Plan.from_json(configuration.load(run_dir / "plan.json"))
+    weights = run_dir / MODEL
+    if not weights.exists():
+        raise InputError(f"{run_dir} has no trained model ({MODEL}); train it to the end first "
+                         f"(or 'mnsegment resume {run_dir}')")
+    num_classes = len(plan.label_values)
+    model2d, _ = build_model2d(config["model2d"], num_classes, load_weights=False)
+    model3d = build_model3d(config["model3d"], num_classes)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    model2d.load_state_dict(state["model2d"])
+    model3d.load_state_dict(state["model3d"])
+    return config, plan, model2d.to(device).eval(), model3d.to(device).eval()
+
+
+def check_images(paths: list[Path]) -> None:
+    """Reads every header first: one bad file stops the command before any output is written."""
+    reader = sitk.ImageFileReader()
+    for path in paths:
+        if not path.exists():
+            raise InputError(f"{path}: file not found")
+        if path.is_dir():
+            continue  # DICOM folders are checked when read
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            raise InputError(f"{path}: cannot be read as an image; use NIfTI, NRRD, MHA or a DICOM folder") from None
+        if reader.GetDimension() not in (3, 4) or reader.GetNumberOfComponents() != 1:
+            raise InputError(f"{path}: MNSegment needs a scalar 3D image")
+
+
+def predict(model_dir: str | Path, images: list[str | Path], output_dir: str | Path, network: str | None = None,
+            device: str = "auto", overlay: bool = False, events: Events | None = None) -> list[Path]:
+    """Writes ``output_dir/<name>.nii.gz`` for each image, on that image's exact grid."""
+    events = events or Events(False)
+    paths = [Path(p).absolute() for p in images]
+    check_images(paths)
+    torch_device = resolve_device(device)
+    config, plan, model2d, model3d = load_models(Path(model_dir), torch_device)
+    network = network or config["inference"]["network"]
+    if network not in ("3d", "2d", "ensemble"):
+        raise InputError(f"--network {network}: use 3d, 2d or ensemble")
+    predict_fn = predictor(network, model2d, model3d, config["data"]["slice_axis"],
+                           config["model2d"]["chunk_slices"])
+    amp = amp_for(torch_device, config["train"]["amp"])
+
+    def done(i: int, source: Path, written: Path) -> None:
+        log.info("%s -> %s", source, written)
+        if overlay:
+            write_overlay(source, written)
+        events.emit("prediction", index=i, total=len(paths), image=str(source), path=str(written))
+
+    return predict_files(paths, Path(output_dir), plan, predict_fn, config, torch_device, amp.dtype, done)
+
+
+def write_overlay(image_path: Path, prediction_path: Path, reference_path: Path | None = None,
+                  classes: dict[int, str] | None = None) -> Path:
+    """A PNG next to the prediction: axial, coronal and sagittal slices with contours."""
+    from .io import array_xyz, read_image
+    from .plots import plot_overlay
+    from .preprocess import canonical
+
+    image = canonical(read_image(image_path))
+    prediction = canonical(read_image(prediction_path))
+    reference = array_xyz(canonical(read_image(reference_path)), dtype=None) if reference_path else None
+    out = prediction_path.with_name(prediction_path.name.replace(".nii.gz", "") + "_overlay.png")
+    return plot_overlay(array_xyz(image), array_xyz(prediction, dtype=None), image.GetSpacing(), out,
+                        reference=reference, class_names=classes, title=prediction_path.name)
