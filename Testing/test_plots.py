@@ -103,7 +103,7 @@ def test_overlay_classes_and_reference(tmp_path):
         spacing,
         tmp_path / "overlay.png",
         reference=reference,
-        class_names={1: "organ", 2: "lesion"},
+        class_names={"1": "organ", 2: "lesion"},  # JSON-style string keys are accepted
         title="case 1",
     )
     rgb = _read(out)
