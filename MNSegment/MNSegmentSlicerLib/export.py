@@ -212,8 +212,9 @@ def load_labelmap_as_segmentation(path: Path, volume, classes: list[dict], name:
         known = {c["value"] for c in classes}
         extra = [{"value": v, "name": f"Label {v}", "color": default_color(v)} for v in sorted(present - known)]
         table = _color_table(scene, classes + extra)
-        labelmap.CreateDefaultDisplayNodes()
-        labelmap.GetDisplayNode().SetAndObserveColorNodeID(table.GetID())
+        display = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeDisplayNode")
+        display.SetAndObserveColorNodeID(table.GetID())
+        labelmap.SetAndObserveDisplayNodeID(display.GetID())
         segmentation = scene.AddNewNodeByClass(
             "vtkMRMLSegmentationNode", name or f"{volume.GetName()} segmentation"
         )
@@ -232,7 +233,10 @@ def load_labelmap_as_segmentation(path: Path, volume, classes: list[dict], name:
         place_in_hierarchy(segmentation, volume)
         return segmentation
     finally:
+        display = labelmap.GetDisplayNode()
         scene.RemoveNode(labelmap)
         scene.RemoveNode(storage)
+        if display is not None:
+            scene.RemoveNode(display)
         if table is not None:
             scene.RemoveNode(table)
