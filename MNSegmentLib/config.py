@@ -82,7 +82,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CPU-sized: small patches, a small 3D U-Net and few steps; a small dataset trains in a few minutes.
     "quick": {
         "sampling": {"patch_size": [48, 48, 32], "batch_size": 4},
-        "model2d": {"decoder_channels": 32, "lora_rank": 8, "lora_alpha": 8},
+        "model2d": {"decoder_channels": 32, "lora_rank": 8, "lora_alpha": 8, "lora_dropout": 0.0},
         "model3d": {
             "kwargs": {"channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 1, "norm": "instance"}
         },

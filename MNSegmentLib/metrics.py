@@ -8,8 +8,12 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
-from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance, compute_iou
-from monai.metrics import compute_dice
+from monai.metrics import (
+    compute_average_surface_distance,
+    compute_dice,
+    compute_hausdorff_distance,
+    compute_iou,
+)
 
 from .errors import InputError
 from .io import IMAGE_SUFFIXES, array_xyz, case_name, read_image

@@ -19,8 +19,9 @@ class SliceSegmenter(nn.Module):
     """Grey slices (B, 1, H, W) -> class logits (B, K, H, W).
 
     The grey channel is repeated to the three channels that natural-image weights expect. Like the reference's
-    head, the finest decoder features are concatenated with the input itself before the classifier, which keeps
-    thin boundaries that the encoder's stride-2 stem loses.
+    head, the finest decoder features are concatenated with the input resampled to their resolution before the
+    classifier; the logits are then upsampled to the input size (cheaper than a full-resolution decoder stage,
+    which dominated the step time on the CPU).
     """
 
     def __init__(self, encoder: nn.Module, num_classes: int, decoder_channels: int = 64):
@@ -34,15 +35,17 @@ class SliceSegmenter(nn.Module):
             deeper = decoder_channels
         self.head = nn.Sequential(_conv_block(deeper + 1, max(decoder_channels // 2, 8)),
                                   nn.Conv2d(max(decoder_channels // 2, 8), num_classes, 1))
+        self.to(memory_format=torch.channels_last)  # faster convolutions on CPU (oneDNN) and tensor cores
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.encoder(x.expand(-1, 3, -1, -1))
+        features = self.encoder(x.expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last))
         y = features[-1]
         for skip, block in zip(reversed(features[:-1]), self.blocks):
             y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             y = block(torch.cat([y, skip], 1))
-        y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return self.head(torch.cat([y, x.to(y.dtype)], 1))
+        image = F.interpolate(x, size=y.shape[-2:], mode="bilinear", align_corners=False)
+        y = self.head(torch.cat([y, image.to(y.dtype)], 1))
+        return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
 def _lora_targets(encoder: nn.Module) -> list[str]:

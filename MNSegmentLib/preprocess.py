@@ -180,7 +180,7 @@ def preprocess_datalist(datalist: Datalist, config: dict, cache_dir: Path, shoul
         if should_stop():
             break
         image = images.pop(case.image, None) or read_image(case.image)
-        array, geometry = preprocess_image(image, plan)
+        array, _ = preprocess_image(image, plan)
         np.save(cache_dir / f"{case.name}_image.npy", array)
         if case.label is not None:
             np.save(cache_dir / f"{case.name}_label.npy", preprocess_label(labels.pop(case.image), image, plan))

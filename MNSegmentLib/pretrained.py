@@ -264,7 +264,7 @@ def _map_via_full_model(
         except InputError:
             raise InputError(
                 f"{full_error} (model {model_name}; also tried the encoder alone: {first_error})"
-            )
+            ) from None
     return map_to_model(encoder, full_sd), "by order"
 
 

@@ -24,6 +24,6 @@ def stage_bounds(config: dict) -> tuple[int, int, int]:
     """(total steps, first step of stage 2, LR warm-up steps) from the configuration."""
     train = config["train"]
     total = int(train["steps"])
-    stage2 = min(max(int(round(total * train["warmup_fraction"])), 1), total)
-    warmup = int(round(stage2 * train["lr_warmup_fraction"]))
+    stage2 = min(max(round(total * train["warmup_fraction"]), 1), total)
+    warmup = round(stage2 * train["lr_warmup_fraction"])
     return total, stage2, warmup

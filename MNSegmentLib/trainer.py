@@ -140,7 +140,7 @@ class Trainer:
 
     def refresh_points(self) -> list[int]:
         """Steps at which the 3D model re-predicts the unlabeled volumes (start of stage 2, then refresh_at)."""
-        points = {self.stage2} | {int(round(f * self.total)) for f in self.config["train"]["refresh_at"]}
+        points = {self.stage2} | {round(f * self.total) for f in self.config["train"]["refresh_at"]}
         return sorted(p for p in points if self.stage2 <= p < self.total)
 
     def _predict_volume(self, array: np.ndarray, network: str) -> np.ndarray:
@@ -196,7 +196,6 @@ class Trainer:
 
     def _train_student(self, network: str, x_l: torch.Tensor, y_l: torch.Tensor | None,
                        x_u: torch.Tensor) -> float:
-        student = self.model2d if network == "2d" else self.model3d
         optimizer = self.opt2d if network == "2d" else self.opt3d
         targets = [one_hot(y_l, self.num_classes)] if y_l is not None else []
         with torch.autocast(self.device.type, dtype=self.amp.dtype, enabled=self.amp.dtype is not None):
