@@ -13,8 +13,8 @@ MODULE_DIR = REPO / "MNSegment"
 if str(MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(MODULE_DIR))
 
-import slicer
-import vtk
+import slicer  # noqa: E402  (slicer-core)
+import vtk  # noqa: E402
 
 
 def new_scene():

@@ -59,7 +59,7 @@ def test_train_on_tiny_scene_segments_unlabeled_volumes(tmp_path):
     assert {"stage", "step", "total_steps", "unlabeled_share", "eta_s"} <= set(progress[-1])
     nodes = job.result
     assert len(nodes) == len(unlabeled)
-    for node, vol in zip(nodes, unlabeled):
+    for node, vol in zip(nodes, unlabeled, strict=False):
         assert node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole()) is vol
         segment = node.GetSegmentation().GetNthSegment(0)
         assert segment.GetName() == "Lesion"

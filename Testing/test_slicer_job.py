@@ -204,6 +204,7 @@ def test_cancel_through_launcher_reaches_worker(standin, tmp_path):
     job.cancel(grace_s=10)
     assert job.status == jobs.CANCELLED
     assert (tmp_path / "marker.txt").read_text() == "terminated"
+    assert job.returncode == 3  # the launcher passed on the worker's exit code
     assert alive(tree) == []
 
 
@@ -214,3 +215,36 @@ def test_worker_environment_finds_engine():
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(path)
     assert env["PYTHONUNBUFFERED"] == "1" and env["PYTHONIOENCODING"] == "utf-8"
     assert jobs.engine_command("train", "x.json")[:3] == [sys.executable, "-m", "MNSegmentLib.cli"]
+
+
+def test_progress_text_and_settings():
+    from MNSegmentSlicerLib import progress
+
+    status, metrics, step, total = progress.describe_progress(
+        {"event": "progress", "stage": "cotrain", "step": 120, "total_steps": 400, "unlabeled_share": 0.35,
+         "lr_2d": 8.1e-4, "lr_3d": 8.1e-5, "loss_2d": 0.41234, "loss_3d": None, "eta_s": 200.2})
+    assert (step, total) == (120, 400)
+    assert status == "Training, co-training: step 120/400, about 3 min 20 s left"
+    assert "loss 2D 0.4123" in metrics and "loss 3D –" in metrics and "share 35 %" in metrics
+    assert progress.format_eta(None) == "unknown" and progress.format_eta(7300) == "2 h 01 min"
+    assert progress.parse_patch_size(" 96, 96 ,48") == [96, 96, 48]
+    assert progress.parse_patch_size("") is None
+    with pytest.raises(ValueError, match="three voxel counts"):
+        progress.parse_patch_size("96,96")
+    assert progress.settings_overrides() == {}
+    assert progress.settings_overrides(steps=500, batch_size=2, patch_size="64x64x32", lrg_mode="linear",
+                                       backbone_2d=" resnet18 ", weights_2d="/w/r18.pth", network_3d="SegResNet") == {
+        "steps": 500, "batch_size": 2, "patch_size": [64, 64, 32], "lrg_mode": "linear",
+        "backbone_2d": "resnet18", "weights_2d": "/w/r18.pth", "network_3d": "SegResNet"}
+
+
+def test_engine_settings_map_friendly_names():
+    from MNSegmentSlicerLib.logic import device_argument, engine_settings
+
+    assert engine_settings({"steps": 10, "train.lr_2d": 1e-3, "batch_size": None}) == {
+        "train.steps": 10, "train.lr_2d": 1e-3}
+    assert engine_settings({"network_3d": "SegResNet"}) == {"model3d.name": "SegResNet", "model3d.kwargs": {}}
+    assert engine_settings({"network_3d": "UNet"}) == {"model3d.name": "UNet"}
+    assert [device_argument(d) for d in ("auto", "GPU", "cpu", "cuda:1")] == ["auto", "cuda", "cpu", "cuda:1"]
+    with pytest.raises(ValueError):
+        device_argument("tpu")

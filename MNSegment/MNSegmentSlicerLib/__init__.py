@@ -1,4 +1,3 @@
-# ruff: noqa: N999  (Slicer convention: module packages are CamelCase)
 """Qt-free logic of the MNSegment Slicer module (runs with ``slicer-core`` alone)."""
 
 from .job import EngineError, EngineJob

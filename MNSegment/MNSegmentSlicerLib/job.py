@@ -51,9 +51,9 @@ class EngineError(RuntimeError):
         self.job = job
 
 
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Finding the engine and the Python that runs it
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def engine_search_path() -> Path | None:
     """Folder that contains the ``MNSegmentLib`` package, to put on the worker's PYTHONPATH.
 
@@ -124,9 +124,9 @@ def worker_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Process-tree helpers
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def _tree(pid: int) -> list:
     """psutil processes of ``pid`` and all its descendants (descendants first)."""
     import psutil
@@ -136,7 +136,7 @@ def _tree(pid: int) -> list:
         children = root.children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-    return list(reversed(children)) + [root]
+    return [*list(reversed(children)), root]
 
 
 def kill_tree(pid: int, extra: list | None = None) -> None:
@@ -156,9 +156,9 @@ def kill_tree(pid: int, extra: list | None = None) -> None:
     psutil.wait_procs(list(procs.values()), timeout=5)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Jobs
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 _RUNNING_JOBS: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -235,7 +235,7 @@ class EngineJob:
         self._cancel_requested = False
         self._launcher = False
 
-    # ----------------------------------------------------------------------------------------- life cycle
+    # ----------------------------------------------------------------------------------- life cycle
     @property
     def running(self) -> bool:
         return self.status in (PENDING, RUNNING)
@@ -318,7 +318,7 @@ class EngineJob:
         finally:
             self._queue.put(("eof", kind, proc))
 
-    # ----------------------------------------------------------------------------------------- polling
+    # -------------------------------------------------------------------------------------- polling
     def poll(self) -> str:
         """Process what the worker printed so far, call callbacks, advance phases. Returns the status."""
         while True:
@@ -406,7 +406,7 @@ class EngineJob:
                     self.status = FAILED
                     self.error = str(error)
 
-    # ----------------------------------------------------------------------------------------- blocking
+    # ------------------------------------------------------------------------------------- blocking
     def wait(self, timeout: float | None = None, interval: float = 0.1) -> str:
         """Block (polling) until the job ends or ``timeout`` seconds pass; returns the status."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -423,7 +423,7 @@ class EngineJob:
             raise EngineError("The job was cancelled.", self)
         return self
 
-    # ----------------------------------------------------------------------------------------- cancel
+    # --------------------------------------------------------------------------------------- cancel
     def cancel(self, grace_s: float = CANCEL_GRACE_S) -> None:
         """Ask the engine to stop (SIGTERM: it saves a checkpoint and exits), then kill the whole process
         tree if it is still there after ``grace_s`` seconds. Blocks at most about ``grace_s`` + 5 s."""
@@ -437,11 +437,14 @@ class EngineJob:
         proc = self._proc
         if proc is not None and proc.poll() is None:
             seen = _tree(proc.pid)
-            self._terminate(proc, seen)
-            try:
+            workers = self._terminate(proc)
+            deadline = time.monotonic() + grace_s
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                pass
+            # Behind a launcher, the worker may still be saving its checkpoint after the launcher is gone.
+            import psutil
+
+            psutil.wait_procs(workers, timeout=max(0.0, deadline - time.monotonic()))
             # Leftovers: the process, or a worker the launcher left behind, or the engine's own children.
             kill_tree(proc.pid, seen)
             if proc.poll() is None:
@@ -457,22 +460,24 @@ class EngineJob:
             self._proc = None
             self._finish(CANCELLED)
 
-    def _terminate(self, proc: subprocess.Popen, seen: list) -> None:
-        """Send the polite stop request to the real worker (the launcher's child when ``PythonSlicer``)."""
+    def _terminate(self, proc: subprocess.Popen) -> list:
+        """Send the polite stop request to the worker: the process itself, or behind a launcher
+        (``PythonSlicer``) the Python it started, so the launcher exits with the worker's exit code.
+        Returns the psutil processes of those launched workers (not our own child)."""
         import psutil
 
-        targets = [proc.pid]
+        workers = []
         if self._launcher:
-            try:
-                targets += [c.pid for c in psutil.Process(proc.pid).children()]
-            except psutil.NoSuchProcess:
-                pass
+            with contextlib.suppress(psutil.NoSuchProcess):
+                workers = psutil.Process(proc.pid).children()
+        targets = [c.pid for c in workers] or [proc.pid]
         for pid in targets:
             try:
                 if _WINDOWS:
-                    if pid == proc.pid:
-                        proc.send_signal(signal.CTRL_BREAK_EVENT)
+                    proc.send_signal(signal.CTRL_BREAK_EVENT)  # reaches the whole process group
+                    break
                 else:
                     os.kill(pid, signal.SIGTERM)
             except (OSError, ValueError):
                 pass
+        return workers

@@ -113,6 +113,19 @@ def _device_env(device: str) -> dict[str, str]:
     return {}
 
 
+def engine_settings(overrides: dict) -> dict:
+    """``train(**overrides)`` keywords → engine ``--set`` keys (friendly names mapped, None dropped)."""
+    settings = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        settings[OVERRIDE_KEYS.get(key, key)] = value
+    network_3d = str(settings.get("model3d.name", "UNet"))
+    if network_3d.lower() != "unet" and "model3d.kwargs" not in settings:
+        settings["model3d.kwargs"] = {}  # the presets' kwargs are UNet's; other networks use their defaults
+    return settings
+
+
 class MNSegmentLogic:
     """Scene-level API of MNSegment (usable from Slicer's Python console).
 
@@ -130,7 +143,7 @@ class MNSegmentLogic:
         self.confirm_install = confirm_install
         self.jobs: list[EngineJob] = []
 
-    # ------------------------------------------------------------------------------------------- scene queries
+    # -------------------------------------------------------------------------------- scene queries
     def _get_scene(self, nodes=()):
         return _scene_of(list(nodes), self.scene)
 
@@ -167,7 +180,7 @@ class MNSegmentLogic:
         used = {vol.GetID() for vol, _seg in labeled if vol is not None}
         return [v for v in self.scalar_volumes() if v.GetID() not in used]
 
-    # ------------------------------------------------------------------------------------------- dependencies
+    # --------------------------------------------------------------------------------- dependencies
     def check_dependencies(self) -> None:
         """Inside Slicer, offer to install what the engine needs; raise if it is still missing."""
         from . import dependencies
@@ -179,7 +192,7 @@ class MNSegmentLogic:
             names = ", ".join(r.name for r in missing)
             raise EngineError(f"Python packages needed by MNSegment are missing: {names}.")
 
-    # ------------------------------------------------------------------------------------------- export
+    # --------------------------------------------------------------------------------------- export
     def export_cases(self, labeled, unlabeled, folder: Path, role_unlabeled: str = "unlabeled") -> dict:
         """Export volumes/segmentations into ``folder`` and write ``datalist.json`` and ``job.json``."""
         folder = Path(folder)
@@ -226,7 +239,7 @@ class MNSegmentLogic:
     def default_output_dir(self) -> Path:
         return Path.home() / "MNSegment" / "jobs" / time.strftime("job-%Y%m%d-%H%M%S")
 
-    # ------------------------------------------------------------------------------------------- train
+    # ---------------------------------------------------------------------------------------- train
     def train(self, labeled, unlabeled, output_dir=None, preset: str = "quick", wait: bool = False,
               device: str = "auto", network: str = "3d", on_progress=None, on_log=None, on_event=None,
               on_phase=None, on_finished=None, **overrides) -> EngineJob:
@@ -247,11 +260,7 @@ class MNSegmentLogic:
         folder = Path(output_dir) if output_dir else self.default_output_dir()
         folder.mkdir(parents=True, exist_ok=True)
         meta = self.export_cases(labeled, unlabeled, folder)
-        settings = {}
-        for key, value in overrides.items():
-            if value is None:
-                continue
-            settings[OVERRIDE_KEYS.get(key, key)] = value
+        settings = engine_settings(overrides)
         meta.update({"run_dir": RUN_DIR, "preset": preset, "device": device, "network": network,
                      "overrides": settings})
         _write_json(folder / JOB_FILE, meta)
@@ -296,7 +305,7 @@ class MNSegmentLogic:
 
         return Phase("predict", [], before=arguments, env=_device_env(device))
 
-    # ------------------------------------------------------------------------------------------- segment
+    # -------------------------------------------------------------------------------------- segment
     def segment(self, volumes, model_dir, wait: bool = True, output_dir=None, network: str = "3d",
                 device: str = "auto", on_log=None, on_event=None, on_finished=None):
         """Apply a trained model (its run folder, or the job folder that holds it) to ``volumes``.
@@ -343,7 +352,7 @@ class MNSegmentLogic:
             return export.classes_from_mapping(mapping, colors)
         return job_classes
 
-    # ------------------------------------------------------------------------------------------- jobs
+    # ----------------------------------------------------------------------------------------- jobs
     def _run(self, phases, folder, scene, wait, on_progress, on_log, on_event, on_phase, on_finished,
              load: bool = True) -> EngineJob:
         from .job import worker_environment
@@ -375,7 +384,7 @@ class MNSegmentLogic:
             if job.running:
                 job.cancel()
 
-    # ------------------------------------------------------------------------------------------- results
+    # -------------------------------------------------------------------------------------- results
     def load_predictions(self, job_or_folder, scene=None) -> list:
         """Segmentation nodes for the predictions of a job (object or folder), one per predicted volume.
 
