@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     events = Events(use_events, sys.stdout)
     if use_events:
         sys.stdout = sys.stderr  # anything a library prints goes to the log, never into the event stream
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS; set before CUDA starts
     stop = threading.Event()
     _install_signal_handlers(stop)
     try:
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         print("mnsegment: cancelled; continue with 'mnsegment resume RUN_DIR'", file=sys.stderr)
         events.emit("cancelled")
         return EXIT_CANCELLED
-    except Exception as err:  # noqa: BLE001 - the worker must always end with an exit code and an event
+    except Exception as err:  # the worker must always end with an exit code and an event
         traceback.print_exc()
         events.emit("error", message=f"{type(err).__name__}: {err}", exit_code=EXIT_ERROR)
         return EXIT_ERROR

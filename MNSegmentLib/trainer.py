@@ -63,6 +63,9 @@ class Trainer:
         self.total, self.stage2, self.warmup = stage_bounds(config)
         self.amp = amp_for(device, config["train"]["amp"])
         torch.manual_seed(self.seed)
+        if device.type == "cuda":  # reproducible kernels (warn, don't fail, where CUDA has none)
+            torch.backends.cudnn.benchmark = False
+            torch.use_deterministic_algorithms(True, warn_only=True)
 
         cache = run_dir / "cache"
         labeled = [load_cached(cache, c) for c in datalist.labeled]
@@ -140,6 +143,8 @@ class Trainer:
 
     def refresh_points(self) -> list[int]:
         """Steps at which the 3D model re-predicts the unlabeled volumes (start of stage 2, then refresh_at)."""
+        if self.config["lrg"]["mode"] == "off":
+            return []  # no unlabeled patch is ever drawn
         points = {self.stage2} | {round(f * self.total) for f in self.config["train"]["refresh_at"]}
         return sorted(p for p in points if self.stage2 <= p < self.total)
 
