@@ -373,10 +373,9 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ----------------------------------------------------------------------------------- monitoring
     def startMonitoring(self, job, what: str) -> None:
         self.job = job
-        if job.folder is not None:
-            self._parameterNode.outputFolder = str(job.folder) if what != "Segmenting" else \
-                self._parameterNode.outputFolder
-            self.ui.outputPathLineEdit.currentPath = self._parameterNode.outputFolder
+        if job.folder is not None and what != "Segmenting":
+            self._parameterNode.outputFolder = str(job.folder)  # so that Resume continues this job
+            self.ui.outputPathLineEdit.currentPath = str(job.folder)
         self.ui.progressBar.setRange(0, 0)
         self.ui.statusLabel.text = f"{what}: starting the engine..."
         self.ui.metricsLabel.text = ""
