@@ -103,7 +103,7 @@ def run(args: argparse.Namespace, events: Events, stop: threading.Event) -> int:
         workflow.resume(args.run_dir, args.device, events, stop)
     elif args.command == "predict":
         written = workflow.predict(args.model, args.images, args.output, args.network, args.device, args.overlay,
-                                   events)
+                                   events, stop)
         events.emit("done", outputs=[str(p) for p in written])
     elif args.command == "evaluate":
         from .metrics import evaluate

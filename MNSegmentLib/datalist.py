@@ -42,8 +42,11 @@ class Datalist:
         }
 
 
-def load_datalist(path: str | Path) -> Datalist:
-    """Parses and checks the structure of a datalist; file contents are checked in preprocessing."""
+def load_datalist(path: str | Path, check_files: bool = True) -> Datalist:
+    """Parses and checks the structure of a datalist; file contents are checked in preprocessing.
+
+    ``check_files=False`` is for a run folder's own copy: training reads its cache, not the original files.
+    """
     path = Path(path)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
@@ -72,7 +75,7 @@ def load_datalist(path: str | Path) -> Datalist:
             image = (root / item["image"]).resolve()
             label = (root / item["label"]).resolve() if need_label else None
             for p in (image, label):
-                if p is not None and not p.exists():
+                if check_files and p is not None and not p.exists():
                     raise InputError(f"{path}: {key}[{i}] refers to {p}, which does not exist")
             out.append(Case(image, label))
         return out

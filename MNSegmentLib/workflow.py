@@ -14,7 +14,7 @@ import torch
 from . import config as configuration
 from .datalist import load_datalist
 from .device import amp_for, resolve_device
-from .errors import InputError
+from .errors import Cancelled, InputError
 from .events import Events
 from .inference import predict_files, predictor
 from .io import write_json_atomic
@@ -57,8 +57,6 @@ def train(datalist_path: str | Path, output: str | Path, preset: str = "quick", 
         stop = stop or threading.Event()
         plan = preprocess_datalist(datalist, config, partial / "cache", stop.is_set)
         if stop.is_set():
-            from .errors import Cancelled
-
             raise Cancelled()
         config["device"] = device
         configuration.save(config, partial / "config.json")
@@ -88,7 +86,7 @@ def resume(run_dir: str | Path, device: str | None = None, events: Events | None
 
 def _run(run_dir: Path, config: dict, plan: Plan, device: torch.device, events: Events,
          stop: threading.Event | None) -> Path:
-    datalist = load_datalist(run_dir / "datalist.json")
+    datalist = load_datalist(run_dir / "datalist.json", check_files=False)
     trainer = Trainer(run_dir, config, plan, datalist, device, events, stop)
     trainer.run()
     _write_curves(run_dir, trainer.history)
@@ -138,8 +136,12 @@ def check_images(paths: list[Path]) -> None:
 
 
 def predict(model_dir: str | Path, images: list[str | Path], output_dir: str | Path, network: str | None = None,
-            device: str = "auto", overlay: bool = False, events: Events | None = None) -> list[Path]:
-    """Writes ``output_dir/<name>.nii.gz`` for each image, on that image's exact grid."""
+            device: str = "auto", overlay: bool = False, events: Events | None = None,
+            stop: threading.Event | None = None) -> list[Path]:
+    """Writes ``output_dir/<name>.nii.gz`` for each image, on that image's exact grid.
+
+    A set ``stop`` ends the command between two images (those written stay complete).
+    """
     events = events or Events(False)
     paths = [Path(p).absolute() for p in images]
     check_images(paths)
@@ -154,6 +156,8 @@ def predict(model_dir: str | Path, images: list[str | Path], output_dir: str | P
 
     def done(i: int, source: Path, written: Path) -> None:
         log.info("%s -> %s", source, written)
+        if stop is not None and stop.is_set() and i + 1 < len(paths):
+            raise Cancelled()
         if overlay:
             write_overlay(source, written)
         events.emit("prediction", index=i, total=len(paths), image=str(source), path=str(written))
