@@ -56,6 +56,7 @@ _BASE: dict[str, Any] = {
         "checkpoint_every": 500,  # steps
         "validate_every": 500,  # steps; only when the datalist has validation cases
         "amp": True,  # mixed precision on CUDA (ignored on CPU)
+        "micro_batch": None,  # patches per forward/backward; None = the whole batch (halved on CUDA out-of-memory)
     },
     "lrg": {
         "mode": "lr",  # lr | linear | fixed | off
@@ -165,6 +166,8 @@ def validate(config: dict[str, Any]) -> None:
     _check(isinstance(s["batch_size"], int) and s["batch_size"] >= 1, "sampling.batch_size", "an integer >= 1")
     _check(0 <= s["foreground_fraction"] <= 1, "sampling.foreground_fraction", "a number in [0, 1]")
     _check(0 <= s["scale_jitter"] < 0.5, "sampling.scale_jitter", "a number in [0, 0.5)")
+    _check(t["micro_batch"] is None or (isinstance(t["micro_batch"], int) and t["micro_batch"] >= 1),
+           "train.micro_batch", "null or an integer >= 1")
     _check(isinstance(t["steps"], int) and t["steps"] >= 2, "train.steps", "an integer >= 2")
     _check(0 < t["warmup_fraction"] <= 1, "train.warmup_fraction", "a number in (0, 1]")
     _check(0 <= t["lr_warmup_fraction"] < 1, "train.lr_warmup_fraction", "a number in [0, 1)")

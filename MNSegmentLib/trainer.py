@@ -90,6 +90,7 @@ class Trainer:
         self.opt3d = torch.optim.AdamW([p for p in self.model3d.parameters() if p.requires_grad], lr=t["lr_3d"],
                                        weight_decay=t["weight_decay"])
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp.use_scaler)
+        self.micro_batch = int(config["train"]["micro_batch"] or config["sampling"]["batch_size"])
         self.step = 0
         self.history: list[dict] = []
         self.masks_version = -1  # which refresh point the pseudo-masks on disk belong to
@@ -201,23 +202,48 @@ class Trainer:
 
     def _train_student(self, network: str, x_l: torch.Tensor, y_l: torch.Tensor | None,
                        x_u: torch.Tensor) -> float:
+        """One optimiser step of ``network``; on CUDA out-of-memory, retries with half the micro-batch."""
+        while True:
+            try:
+                return self._accumulate(network, x_l, y_l, x_u)
+            except torch.cuda.OutOfMemoryError:
+                if self.micro_batch == 1:
+                    raise InputError("out of GPU memory even with one patch at a time; reduce "
+                                     "sampling.patch_size or model2d.chunk_slices, or use --device cpu") from None
+                self.micro_batch = max(1, self.micro_batch // 2)
+                torch.cuda.empty_cache()
+                log.warning("out of GPU memory: continuing with micro-batches of %d patches", self.micro_batch)
+                self.events.emit("warning", message=f"out of GPU memory; micro-batch reduced to {self.micro_batch}")
+
+    def _accumulate(self, network: str, x_l: torch.Tensor, y_l: torch.Tensor | None, x_u: torch.Tensor) -> float:
+        """Loss and gradients over the batch in micro-batches. Exact: the loss is a mean of per-sample terms,
+        so weighting each micro-batch by its share of the batch gives the full-batch gradient."""
         optimizer = self.opt2d if network == "2d" else self.opt3d
-        targets = [one_hot(y_l, self.num_classes)] if y_l is not None else []
-        with torch.autocast(self.device.type, dtype=self.amp.dtype, enabled=self.amp.dtype is not None):
-            if len(x_u):
-                teacher = "3d" if network == "2d" else "2d"
-                teacher_model = self.model3d if teacher == "3d" else self.model2d
-                teacher_model.eval()
-                with torch.no_grad():
-                    targets.append(torch.softmax(self._forward(teacher, x_u).float(), 1))
-                teacher_model.train()
-            x = torch.cat([x_l, x_u]) if len(x_u) else x_l
-            loss = dice_kl_loss(self._forward(network, x), torch.cat(targets))
+        teacher = "3d" if network == "2d" else "2d"
+        teacher_model = self.model3d if teacher == "3d" else self.model2d
+        x = torch.cat([x_l, x_u]) if len(x_u) else x_l
+        n_labeled = len(x_l)
         optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        total = 0.0
+        for start in range(0, len(x), self.micro_batch):
+            part = slice(start, min(start + self.micro_batch, len(x)))
+            with torch.autocast(self.device.type, dtype=self.amp.dtype, enabled=self.amp.dtype is not None):
+                targets = []
+                if start < n_labeled:
+                    targets.append(one_hot(y_l[part], self.num_classes))
+                unlabeled = x[max(start, n_labeled):part.stop]
+                if len(unlabeled):
+                    teacher_model.eval()
+                    with torch.no_grad():
+                        targets.append(torch.softmax(self._forward(teacher, unlabeled).float(), 1))
+                    teacher_model.train()
+                loss = dice_kl_loss(self._forward(network, x[part]), torch.cat(targets))
+                loss = loss * (part.stop - start) / len(x)
+            self.scaler.scale(loss).backward()
+            total += float(loss.detach())
         self.scaler.step(optimizer)
         self.scaler.update()
-        return float(loss.detach())
+        return total
 
     def train_step(self) -> dict:
         step, t, lrg = self.step, self.config["train"], self.config["lrg"]
