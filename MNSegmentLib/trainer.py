@@ -94,6 +94,8 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.masks_version = -1  # which refresh point the pseudo-masks on disk belong to
+        self._progress: dict | None = None  # the last progress event's fields
+        self._last_event = self._last_log = 0.0
         if not load_pretrained:
             self._load_checkpoint()
 
@@ -171,6 +173,7 @@ class Trainer:
             if self.stop.is_set():
                 return  # the caller saves a checkpoint; masks are recomputed on resume
             masks.append(self._predict_volume(array, "3d"))
+            self._report(activity=f"pseudo-masks {i + 1}/{len(self.unlabeled_images)}")
             self._mask_path(i).parent.mkdir(exist_ok=True)
             np.save(self._mask_path(i), masks[-1])
         self.unlabeled.set_masks(masks)
@@ -273,6 +276,21 @@ class Trainer:
                 **losses}
 
     # -- the loop -------------------------------------------------------------------------------------------
+    def _report(self, force: bool = False, activity: str | None = None) -> None:
+        """A progress event at most every second (and a log line every ten), from steps and long pauses alike."""
+        now = time.monotonic()
+        if self._progress is None or not (force or now - self._last_event >= 1.0):
+            return
+        extra = {"activity": activity} if activity else {}
+        self.events.emit("progress", **self._progress, **extra)
+        self._last_event = now
+        if force or now - self._last_log >= 10:
+            p = self._progress
+            log.info("step %d/%d %s share %.2f loss2d %s loss3d %s eta %.0fs%s", p["step"], self.total, p["stage"],
+                     p["unlabeled_share"], _fmt(p["loss_2d"]), _fmt(p["loss_3d"]), p["eta_s"],
+                     f" ({activity})" if activity else "")
+            self._last_log = now
+
     def run(self) -> Path:
         """Trains to the end (or raises Cancelled after saving a checkpoint); returns the run folder."""
         t = self.config["train"]
@@ -284,7 +302,6 @@ class Trainer:
                  self.device, len(self.labeled), len(self.unlabeled), self.config["model2d"]["name"],
                  self.weights_2d, self.total, self.stage2)
         step_times: list[float] = []
-        last_event = 0.0
         while self.step < self.total:
             if self.stop.is_set():
                 self.save_checkpoint()
@@ -300,16 +317,9 @@ class Trainer:
             if self.step % t["validate_every"] == 0 or self.step == self.total:
                 record["val_dice"] = self.validate()
             self.history.append(record)
-            now = time.monotonic()
-            if now - last_event >= 1.0 or self.step == self.total or self.step == self.stage2:
-                recent = step_times[-50:]
-                eta = float(np.mean(recent)) * (self.total - self.step)
-                self.events.emit("progress", **{**record, "step": self.step}, total_steps=self.total, eta_s=eta)
-                if now - last_event >= 10 or self.step == self.total:
-                    log.info("step %d/%d %s share %.2f loss2d %s loss3d %s eta %.0fs", self.step, self.total,
-                             record["stage"], record["unlabeled_share"], _fmt(record["loss_2d"]),
-                             _fmt(record["loss_3d"]), eta)
-                last_event = now
+            eta = float(np.mean(step_times[-50:])) * (self.total - self.step)
+            self._progress = {**record, "step": self.step, "total_steps": self.total, "eta_s": eta}
+            self._report(force=self.step in (self.stage2, self.total))
             if self.step % t["checkpoint_every"] == 0 and self.step < self.total:
                 self.save_checkpoint()
         self.save_checkpoint()
