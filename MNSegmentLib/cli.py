@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--network", choices=["3d", "2d", "ensemble"], default=None)
     predict.add_argument("--device", default="auto")
     predict.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
+    predict.add_argument("--reference", type=Path, default=None,
+                         help="label map (or folder, matched by file name) drawn as reference in the overlays")
     predict.add_argument("--events", action="store_true")
 
     evaluate = commands.add_parser("evaluate", help="Dice, Jaccard, HD95 and ASD (mm) against references")
@@ -103,7 +105,7 @@ def run(args: argparse.Namespace, events: Events, stop: threading.Event) -> int:
         workflow.resume(args.run_dir, args.device, events, stop)
     elif args.command == "predict":
         written = workflow.predict(args.model, args.images, args.output, args.network, args.device, args.overlay,
-                                   events, stop)
+                                   events, stop, args.reference)
         events.emit("done", outputs=[str(p) for p in written])
     elif args.command == "evaluate":
         from .metrics import evaluate

@@ -9,9 +9,8 @@ import threading
 import time
 from pathlib import Path
 
-from .io import case_name
 from .metrics import evaluate
-from .workflow import predict, train, write_overlay
+from .workflow import predict, train
 
 log = logging.getLogger("mnsegment")
 _MARKER = ".mnsegment-demo"
@@ -60,13 +59,10 @@ def run_demo(output: Path, device: str = "auto", stop: threading.Event | None = 
         run_dir = train(datalist, output / "runs" / name, "quick", device, overrides, stop=stop)
         timings[name] = time.monotonic() - started
         predictions = output / "predictions" / name
-        predict(run_dir, images, predictions, device=device)
         reference_dir = Path(tests[0]["label"]).parent
+        predict(run_dir, images, predictions, device=device, overlay=name == "mn", stop=stop,
+                references=reference_dir)
         results[name] = evaluate(predictions, reference_dir)
-        if name == "mn":
-            for case in tests:
-                written = predictions / f"{case_name(case['image'])}.nii.gz"
-                write_overlay(Path(case["image"]), written, Path(case["label"]))
     print(f"\nMNSegment demo: {description}")
     print(f"{len(json.loads(datalist.read_text())['labeled'])} labeled volumes; Dice on {len(tests)} held-out volumes")
     dice = {}

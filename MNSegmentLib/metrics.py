@@ -52,7 +52,7 @@ def _finite(value: torch.Tensor) -> float | None:
     return value if math.isfinite(value) else None  # one of the masks is empty: no surface distance
 
 
-def _image_files(folder: Path) -> dict[str, Path]:
+def image_files(folder: Path) -> dict[str, Path]:
     return {case_name(p): p for p in sorted(folder.iterdir())
             if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)}
 
@@ -62,7 +62,7 @@ def pair_files(prediction: Path, reference: Path) -> list[tuple[str, Path, Path]
     if prediction.is_file() and reference.is_file():
         return [(case_name(reference), prediction, reference)]
     if prediction.is_dir() and reference.is_dir():
-        preds, refs = _image_files(prediction), _image_files(reference)
+        preds, refs = image_files(prediction), image_files(reference)
         common = sorted(set(preds) & set(refs))
         if not common:
             raise InputError(f"no file names in common between {prediction} and {reference}; predictions are "

@@ -137,10 +137,12 @@ def check_images(paths: list[Path]) -> None:
 
 def predict(model_dir: str | Path, images: list[str | Path], output_dir: str | Path, network: str | None = None,
             device: str = "auto", overlay: bool = False, events: Events | None = None,
-            stop: threading.Event | None = None) -> list[Path]:
+            stop: threading.Event | None = None, references: str | Path | None = None) -> list[Path]:
     """Writes ``output_dir/<name>.nii.gz`` for each image, on that image's exact grid.
 
-    A set ``stop`` ends the command between two images (those written stay complete).
+    With ``overlay``, also ``<name>_overlay.png``; ``references`` (a label map, or a folder of them matched by
+    file name) adds the reference contour to the overlays. A set ``stop`` ends the command between two images
+    (those written stay complete).
     """
     events = events or Events(False)
     paths = [Path(p).absolute() for p in images]
@@ -154,15 +156,37 @@ def predict(model_dir: str | Path, images: list[str | Path], output_dir: str | P
                            config["model2d"]["chunk_slices"])
     amp = amp_for(torch_device, config["train"]["amp"])
 
+    reference_files = _references(references, paths)
+    names = {int(k): v for k, v in plan.classes.items()}
+
     def done(i: int, source: Path, written: Path) -> None:
         log.info("%s -> %s", source, written)
+        if overlay:
+            write_overlay(source, written, reference_files.get(source), names)
         if stop is not None and stop.is_set() and i + 1 < len(paths):
             raise Cancelled()
-        if overlay:
-            write_overlay(source, written)
         events.emit("prediction", index=i, total=len(paths), image=str(source), path=str(written))
 
     return predict_files(paths, Path(output_dir), plan, predict_fn, config, torch_device, amp.dtype, done)
+
+
+def _references(references: str | Path | None, images: list[Path]) -> dict[Path, Path]:
+    """Reference label map of each image, by file name, from a folder (or one file for one image)."""
+    if references is None:
+        return {}
+    references = Path(references)
+    if references.is_file():
+        if len(images) != 1:
+            raise InputError(f"--reference {references}: a single file fits one image; pass a folder of label "
+                             "maps named like the images")
+        return {images[0]: references}
+    if not references.is_dir():
+        raise InputError(f"--reference {references}: not found")
+    from .io import case_name
+    from .metrics import image_files
+
+    available = image_files(references)
+    return {image: available[case_name(image)] for image in images if case_name(image) in available}
 
 
 def write_overlay(image_path: Path, prediction_path: Path, reference_path: Path | None = None,
