@@ -91,6 +91,25 @@ class MNSegmentLogic(ScriptedLoadableModuleLogic, SceneLogic):
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
         SceneLogic.__init__(self, scene=None)
+        self._pollTimers = {}
+
+    def _run(self, *args, **kwargs):
+        """Start a job; a job that keeps running is polled by a QTimer on the GUI thread, so that its callbacks
+        run and its segmentations are loaded even when it was started from the Python console."""
+        job = super()._run(*args, **kwargs)
+        if job.running:
+            timer = qt.QTimer()
+            timer.setInterval(POLL_INTERVAL_MS)
+
+            def tick():
+                if job.poll() not in (jobs.PENDING, jobs.RUNNING):
+                    timer.stop()
+                    self._pollTimers.pop(id(job), None)
+
+            timer.timeout.connect(tick)
+            self._pollTimers[id(job)] = timer
+            timer.start()
+        return job
 
     def getParameterNode(self):
         return MNSegmentParameterNode(super().getParameterNode())

@@ -248,3 +248,15 @@ def test_engine_settings_map_friendly_names():
     assert [device_argument(d) for d in ("auto", "GPU", "cpu", "cuda:1")] == ["auto", "cuda", "cpu", "cuda:1"]
     with pytest.raises(ValueError):
         device_argument("tpu")
+
+
+def test_failing_finished_handler_fails_the_job(standin, tmp_path):
+    job = make_job(standin, tmp_path, "ok")
+
+    def load(job):
+        raise ValueError("The prediction x.nii.gz is not on the grid of CT 3")
+
+    job.add_finished_handler(load)
+    job.start()
+    assert job.wait(timeout=60) == jobs.FAILED
+    assert job.error == "The prediction x.nii.gz is not on the grid of CT 3"

@@ -401,10 +401,10 @@ class EngineJob:
         for handler in list(self._finished_handlers):
             try:
                 handler(self)
-            except EngineError as error:
+            except Exception as error:  # e.g. loading the results failed: the job failed, with that message
                 if self.status == DONE:
                     self.status = FAILED
-                    self.error = str(error)
+                    self.error = str(error) or type(error).__name__
 
     # ------------------------------------------------------------------------------------- blocking
     def wait(self, timeout: float | None = None, interval: float = 0.1) -> str:
