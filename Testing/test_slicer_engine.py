@@ -76,11 +76,11 @@ def test_train_on_tiny_scene_segments_unlabeled_volumes(tmp_path):
     assert dice(_segment_array(scene, segs[0], new) > 0, label) > 0.8
 
 
-def test_cancel_real_engine_leaves_no_process(tmp_path):
+def test_cancel_real_engine_leaves_no_process_then_resume(tmp_path):
     scene, labeled, unlabeled, _ = _tiny_scene(2, 1)
     logic = MNSegmentLogic(scene)
     job = logic.train(labeled, unlabeled, output_dir=tmp_path, preset="quick", device="cpu",
-                      **{"train.steps": 100000})
+                      **{**TINY, "train.steps": 40})
     deadline = time.monotonic() + 240
     while job.poll() == jobs.RUNNING and not job.last_progress and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -91,6 +91,13 @@ def test_cancel_real_engine_leaves_no_process(tmp_path):
     left = [pid for pid in tree if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     assert left == []
     assert job.result is None
+    assert any(e["event"] == "checkpoint" for e in job.events)
+    # Resume continues from the checkpoint, then segments the unlabeled volume.
+    resumed = logic.resume(tmp_path, wait=True)
+    assert resumed.status == jobs.DONE
+    assert len(resumed.result) == 1
+    node = resumed.result[0]
+    assert node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole()) is unlabeled[0]
 
 
 def test_engine_bad_input_surfaces_message(tmp_path):
