@@ -187,7 +187,7 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.refreshUnlabeledList()
 
     def exit(self) -> None:
-        if self._parameterNode:
+        if self._parameterNode and self._parameterNodeGuiTag is not None:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
 
@@ -218,7 +218,7 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(self.logic.getParameterNode())
 
     def setParameterNode(self, inputParameterNode) -> None:
-        if self._parameterNode:
+        if self._parameterNode and self._parameterNodeGuiTag is not None:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
         self._parameterNode = inputParameterNode
@@ -442,8 +442,11 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if nodes:
                 volume = nodes[0].GetNodeReference(nodes[0].GetReferenceImageGeometryReferenceRole())
                 slicer.util.setSliceViewerLayers(background=volume, fit=True)
-            self._parameterNode.modelFolder = str(job.folder)
-            self.ui.modelPathLineEdit.currentPath = str(job.folder)
+            if job.phases[0].name == "train":
+                self._parameterNode.modelFolder = str(job.folder)
+                self.ui.modelPathLineEdit.currentPath = str(job.folder)
+                self._parameterNode.outputFolder = ""  # the next Train starts a new job folder
+                self.ui.outputPathLineEdit.currentPath = ""
         elif job.status == jobs.CANCELLED:
             self.ui.progressBar.setValue(0)
             self.ui.statusLabel.text = "Cancelled. Resume continues from the last checkpoint."

@@ -224,3 +224,13 @@ def test_dependencies_never_touch_simpleitk():
     assert not any(a.lower().startswith(("simpleitk", "torch", "numpy")) for a in args[:-2])
     assert "torch" in dependencies.describe(missing).lower()
     assert dependencies.missing_packages() == []  # the test environment has everything the engine needs
+
+
+def test_train_refuses_a_folder_that_already_holds_a_training(scene, tmp_path):
+    vol, label = _case(scene, "v")
+    seg = add_segmentation(scene, vol, label, {1: "a"})
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ValueError, match="already holds a training"):
+        MNSegmentLogic(scene).train([(vol, seg)], [], output_dir=tmp_path)
+    with pytest.raises(ValueError, match="Unknown preset"):
+        MNSegmentLogic(scene).train([(vol, seg)], [], output_dir=tmp_path / "new", preset="huge")

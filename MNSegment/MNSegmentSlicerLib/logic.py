@@ -258,6 +258,8 @@ class MNSegmentLogic:
         self.check_dependencies()
         scene = self._get_scene([v for v, _s in labeled])
         folder = Path(output_dir) if output_dir else self.default_output_dir()
+        if (folder / RUN_DIR).exists():
+            raise ValueError(f"{folder} already holds a training: choose a new output folder, or Resume it.")
         folder.mkdir(parents=True, exist_ok=True)
         meta = self.export_cases(labeled, unlabeled, folder)
         settings = engine_settings(overrides)
