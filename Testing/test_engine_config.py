@@ -1,0 +1,64 @@
+"""Presets and dotted --set overrides (config.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from MNSegmentLib.config import PRESETS, apply_overrides, parse_set_args, parse_value, preset, validate
+from MNSegmentLib.errors import InputError
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_resolve_and_validate(name):
+    config = preset(name)
+    validate(config)
+    for section in ("data", "sampling", "model2d", "model3d", "train", "lrg", "inference"):
+        assert section in config
+
+
+def test_preset_values():
+    paper, quick, default = preset("paper"), preset("quick"), preset("default")
+    assert paper["sampling"]["patch_size"] == [160, 160, 64] and paper["sampling"]["batch_size"] == 5
+    assert paper["train"]["lr_2d"] == 1e-3 and paper["train"]["lr_3d"] == 1e-4
+    assert paper["train"]["alternate_every"] == 8 and paper["lrg"]["cap"] == 0.8
+    assert quick["model3d"]["kwargs"]["channels"] == [16, 32, 64, 128]
+    assert quick["model3d"]["kwargs"]["strides"] == [2, 2, 2]
+    assert quick["train"]["steps"] == 400
+    assert default["train"]["steps"] == 12000
+    quick["train"]["steps"] = 1  # presets are independent copies
+    assert preset("quick")["train"]["steps"] == 400
+    with pytest.raises(InputError, match="unknown preset"):
+        preset("fast")
+
+
+def test_parse_set_args():
+    parsed = parse_set_args(["train.steps=100", "sampling.patch_size=[32, 32, 16]", "lrg.mode=off",
+                             "data.target_spacing=null", "train.amp=false", "model2d.weights=/a/b=c.pth"])
+    assert parsed == {"train.steps": 100, "sampling.patch_size": [32, 32, 16], "lrg.mode": "off",
+                      "data.target_spacing": None, "train.amp": False, "model2d.weights": "/a/b=c.pth"}
+    assert parse_value("1e-3") == 1e-3
+    for bad in ("train.steps", "=3"):
+        with pytest.raises(InputError, match="KEY=VALUE"):
+            parse_set_args([bad])
+
+
+def test_apply_overrides():
+    base = preset("quick")
+    out = apply_overrides(base, {"train.steps": 7, "lrg.mode": "linear", "model3d.kwargs.dropout": 0.1})
+    assert out["train"]["steps"] == 7 and out["lrg"]["mode"] == "linear"
+    assert out["model3d"]["kwargs"]["dropout"] == 0.1
+    assert base["train"]["steps"] == 400  # input untouched
+    for key in ("train.stepz", "nosuch.section", "train.steps.inner", "model3d.kwargs.a.b"):
+        with pytest.raises(InputError, match="unknown setting"):
+            apply_overrides(base, {key: 1})
+
+
+@pytest.mark.parametrize("key,value", [
+    ("sampling.batch_size", 0), ("sampling.patch_size", [32, 32]), ("sampling.patch_size", [32, 32, 4]),
+    ("train.steps", 1), ("train.steps", 2.5), ("lrg.mode", "sometimes"), ("lrg.cap", 1.5),
+    ("model2d.adaptation", "qlora"), ("data.slice_axis", 3), ("inference.network", "4d"),
+    ("data.target_spacing", [1, 1]), ("train.warmup_fraction", 0), ("sampling.scale_jitter", 0.7),
+])
+def test_invalid_values_are_input_errors(key, value):
+    with pytest.raises(InputError, match=key.split(".")[0]):
+        apply_overrides(preset("quick"), {key: value})
