@@ -34,6 +34,8 @@ def describe_progress(event: dict) -> tuple[str, str, int, int]:
     total = int(event.get("total_steps") or 0)
     stage = STAGES.get(event.get("stage"), str(event.get("stage") or "training"))
     status = f"Training, {stage}: step {step}/{total}, about {format_eta(event.get('eta_s'))} left"
+    if event.get("activity"):  # e.g. the pseudo-mask refresh between steps
+        status += f" ({event['activity']})"
     share = event.get("unlabeled_share")
     metrics = (
         f"loss 2D {_number(event.get('loss_2d'), '.4f')} · loss 3D {_number(event.get('loss_3d'), '.4f')} · "
