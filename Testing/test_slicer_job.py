@@ -228,7 +228,7 @@ def test_progress_text_and_settings():
     assert "loss 2D 0.4123" in metrics and "loss 3D –" in metrics and "share 35 %" in metrics
     status, _, _, _ = progress.describe_progress({"stage": "warmup", "step": 5, "total_steps": 9,
                                                   "activity": "refreshing pseudo-masks"})
-    assert status == "Training, warm-up (labeled only): step 5/9, about unknown left (refreshing pseudo-masks)"
+    assert status == "Training, warm-up (labeled only): step 5/9 (refreshing pseudo-masks)"
     assert progress.format_eta(None) == "unknown" and progress.format_eta(7300) == "2 h 01 min"
     assert progress.parse_patch_size(" 96, 96 ,48") == [96, 96, 48]
     assert progress.parse_patch_size("") is None

@@ -33,7 +33,10 @@ def describe_progress(event: dict) -> tuple[str, str, int, int]:
     step = int(event.get("step") or 0)
     total = int(event.get("total_steps") or 0)
     stage = STAGES.get(event.get("stage"), str(event.get("stage") or "training"))
-    status = f"Training, {stage}: step {step}/{total}, about {format_eta(event.get('eta_s'))} left"
+    status = f"Training, {stage}: step {step}/{total}"
+    eta = format_eta(event.get("eta_s"))
+    if eta != "unknown":
+        status += f", about {eta} left"
     if event.get("activity"):  # e.g. the pseudo-mask refresh between steps
         status += f" ({event['activity']})"
     share = event.get("unlabeled_share")
