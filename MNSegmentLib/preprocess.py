@@ -105,10 +105,11 @@ def make_plan(datalist: Datalist, config: dict) -> tuple[Plan, dict[Path, sitk.I
         if case in datalist.labeled:
             spacings.append(canonical(image).GetSpacing())
     if datalist.classes:
-        unknown = values - set(datalist.classes)
-        if unknown:
-            raise InputError(f"label value(s) {sorted(unknown)} found in the label maps but not in the "
-                             f"datalist's 'classes' {datalist.classes}; add them or fix the label maps")
+        for case in datalist.labeled + datalist.validation:
+            unknown = {int(v) for v in np.unique(labels[case.image]) if v} - set(datalist.classes)
+            if unknown:
+                raise InputError(f"{case.label}: label value(s) {sorted(unknown)} are not in the datalist's "
+                                 f"'classes' {datalist.classes}; add them there or fix the label map")
         label_values = sorted(datalist.classes)
     else:
         label_values = sorted(values)

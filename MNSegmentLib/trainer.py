@@ -83,7 +83,6 @@ class Trainer:
         self.model3d = build_model3d(config["model3d"], self.num_classes)
         self.model2d.to(device)
         self.model3d.to(device)
-        self._check_shapes()
         t = config["train"]
         self.opt2d = torch.optim.AdamW([p for p in self.model2d.parameters() if p.requires_grad], lr=t["lr_2d"],
                                        weight_decay=t["weight_decay"])
@@ -100,22 +99,6 @@ class Trainer:
             self._load_checkpoint()
 
     # -- set-up ---------------------------------------------------------------------------------------------
-    def _check_shapes(self) -> None:
-        """One forward pass on a zero patch: a patch size the 3D network cannot take fails here, clearly."""
-        patch = self.config["sampling"]["patch_size"]
-        x = torch.zeros(1, 1, *patch, device=self.device)
-        with torch.no_grad():
-            try:
-                out3d = self.model3d.eval()(x)
-            except RuntimeError as err:
-                raise InputError(f"sampling.patch_size={patch} does not fit model3d {self.config['model3d']}"
-                                 f" ({str(err).splitlines()[0]}); use sizes divisible by the network's total "
-                                 "stride (e.g. multiples of 16)") from None
-        self.model3d.train()
-        if tuple(out3d.shape[2:]) != tuple(patch):
-            raise InputError(f"model3d returns {tuple(out3d.shape[2:])} for a {tuple(patch)} patch; choose a "
-                             "patch size divisible by the network's total stride")
-
     def _load_checkpoint(self) -> None:
         state = checkpoint.load(self.run_dir / CHECKPOINT, self.device)
         self.model2d.load_state_dict(state["model2d"])

@@ -19,7 +19,7 @@ from .events import Events
 from .inference import predict_files, predictor
 from .io import write_json_atomic
 from .models2d import build_model2d
-from .models3d import build_model3d
+from .models3d import build_model3d, check_patch_size
 from .preprocess import Plan, preprocess_datalist
 from .trainer import CHECKPOINT, MODEL, Trainer
 
@@ -48,6 +48,7 @@ def train(datalist_path: str | Path, output: str | Path, preset: str = "quick", 
     datalist = load_datalist(datalist_path)
     torch_device = resolve_device(device)
     _fresh_output(output)
+    check_networks(config)
     # Everything is prepared in a hidden sibling folder and renamed at the end: an error or a cancel during
     # preprocessing leaves no half-made run folder behind.
     partial = output.parent / f".{output.name}.partial-{os.getpid()}"
@@ -70,6 +71,13 @@ def train(datalist_path: str | Path, output: str | Path, preset: str = "quick", 
     log.info("plan: spacing %s mm, %s normalisation, classes %s", plan.target_spacing, plan.normalization,
              plan.classes)
     return _run(output, config, plan, torch_device, events, stop)
+
+
+def check_networks(config: dict) -> None:
+    """Builds both networks once before any data is touched, so a wrong backbone, weights file, 3D network or
+    patch size is refused at once, not after preprocessing, and leaves no run folder behind."""
+    build_model2d(config["model2d"], 2)
+    check_patch_size(build_model3d(config["model3d"], 2), config["model3d"], config["sampling"]["patch_size"])
 
 
 def resume(run_dir: str | Path, device: str | None = None, events: Events | None = None,

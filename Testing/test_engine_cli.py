@@ -143,7 +143,7 @@ ERROR_CASES = ["missing_datalist", "invalid_json", "label_other_grid", "label_fr
                "label_not_in_classes", "unreadable_image", "unknown_set_key", "invalid_set_value", "bad_device",
                "missing_2d_weights", "patch_not_divisible", "output_holds_run", "predict_no_model",
                "predict_bad_image"]
-# Bad input found only once the run folder exists (checked when the networks are built); see the xfail below.
+# Bad input found by building the networks (before any data is touched); checked again separately below.
 LEFT_BEHIND = {"missing_2d_weights", "patch_not_divisible"}
 
 
@@ -171,8 +171,6 @@ def test_bad_input_exits_2_with_one_clear_message(error_runs, name):
         assert {p.name for p in run.run_dir.iterdir()} == before and (run.run_dir / "model.pt").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: preprocess.make_plan's 'label value(s) ... not in classes' "
-                                       "message does not name the label file that holds the value")
 def test_label_value_not_in_classes_names_the_label_file(error_runs):
     cases, results, _, _ = error_runs
     error = [line for line in results["label_not_in_classes"].stderr.splitlines()
@@ -180,10 +178,6 @@ def test_label_value_not_in_classes_names_the_label_file(error_runs):
     assert cases["label_not_in_classes"]["names_file"] in error
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: workflow.train renames the prepared folder to --output before "
-                                       "Trainer builds the networks; an InputError there (bad model2d.weights path, "
-                                       "patch size the 3D net cannot take) leaves a run folder without checkpoint "
-                                       "that blocks the next 'train' with the same --output")
 @pytest.mark.parametrize("name", sorted(LEFT_BEHIND))
 def test_failed_train_leaves_no_output_folder_when_the_networks_refuse_the_settings(error_runs, name):
     cases, results, _, _ = error_runs
