@@ -117,8 +117,8 @@ def states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool
 # -- the shared trained run -------------------------------------------------------------------------------------
 # Trained once per pytest session with a real `mnsegment train` subprocess; the CLI tests also train an
 # interrupted+resumed copy with exactly these arguments and compare the weights.
-TRAINED_STEPS = 40
-TRAINED_SET = {**TINY_SET, "train.steps": TRAINED_STEPS, "train.warmup_fraction": 0.5,
+TRAINED_STEPS = 30
+TRAINED_SET = {**TINY_SET, "train.steps": TRAINED_STEPS, "train.warmup_fraction": 0.5, "train.lr_3d": 0.005,
                "train.checkpoint_every": 1000, "sampling.foreground_fraction": 0.7}
 
 _lock = threading.Lock()

@@ -18,6 +18,7 @@ import pytest
 import SimpleITK as sitk
 from engine_fixtures import (
     TINY_SET,
+    TRAINED_STEPS,
     cli_command,
     cli_env,
     make_dataset,
@@ -195,21 +196,23 @@ def test_train_exits_0_with_json_events_only(tmp_path_factory):
     assert kinds[0] == "start" and kinds[-1] == "done"
     assert {"start", "progress", "checkpoint", "done"} <= set(kinds)
     start = events[0]
-    assert start["total_steps"] == 40 and start["step"] == 0 and start["device"] == "cpu"
-    assert start["stage2_start"] == 20 and start["labeled"] == 3 and start["unlabeled"] == 2
+    total, stage2 = TRAINED_STEPS, TRAINED_STEPS // 2  # train.warmup_fraction 0.5
+    assert start["total_steps"] == total and start["step"] == 0 and start["device"] == "cpu"
+    assert start["stage2_start"] == stage2 and start["labeled"] == 3 and start["unlabeled"] == 2
     assert "no pretrained weights" in start["weights_2d"]
     progress = [e for e in events if e["event"] == "progress"]
     for e in progress:
         assert PROGRESS_KEYS <= set(e), e
         assert e["stage"] in ("warmup", "cotrain") and 0 <= e["unlabeled_share"] <= 1
-        assert e["total_steps"] == 40 and e["eta_s"] >= 0
+        assert e["total_steps"] == total and e["eta_s"] >= 0
     assert [e["step"] for e in progress] == sorted({e["step"] for e in progress})
-    assert progress[-1]["step"] == 40 and progress[-1]["eta_s"] == 0
-    assert any(e["step"] == 20 for e in progress)  # always reported at the start of stage 2
-    assert all(e["stage"] == "warmup" for e in progress if e["step"] <= 20)
+    assert progress[-1]["step"] == total and progress[-1]["eta_s"] == 0
+    assert any(e["step"] == stage2 for e in progress)  # always reported at the start of stage 2
+    assert all(e["stage"] == "warmup" for e in progress if e["step"] <= stage2)
+    assert all(e["stage"] == "cotrain" for e in progress if e["step"] > stage2)
     assert events[-1]["model_dir"] == str(run.run_dir.absolute())
     checkpoint = [e for e in events if e["event"] == "checkpoint"]
-    assert checkpoint[-1]["step"] == 40 and Path(checkpoint[-1]["path"]).exists()
+    assert checkpoint[-1]["step"] == total and Path(checkpoint[-1]["path"]).exists()
     assert (run.run_dir / "model.pt").exists()
 
 
@@ -217,7 +220,7 @@ def test_settings_are_saved_in_config_json(tmp_path_factory):
     run = trained_run(tmp_path_factory)
     config = json.loads((run.run_dir / "config.json").read_text())
     assert config["preset"] == "quick" and config["device"] == "cpu"
-    assert config["train"]["steps"] == 40 and config["train"]["warmup_fraction"] == 0.5
+    assert config["train"]["steps"] == TRAINED_STEPS and config["train"]["lr_3d"] == 0.005 and config["train"]["warmup_fraction"] == 0.5
     assert config["sampling"]["patch_size"] == [32, 32, 16] and config["sampling"]["batch_size"] == 2
     assert config["model2d"]["weights"] == "none"
     assert config["model3d"]["kwargs"]["channels"] == [16, 32, 64, 128]  # from the quick preset
@@ -258,14 +261,14 @@ def test_sigterm_cancels_then_resume_finishes_like_an_uninterrupted_run(tmp_path
     saved = [e for e in events if e["event"] == "checkpoint"]
     assert saved and (output / "checkpoint.pt").exists() and not (output / "model.pt").exists()
     stopped_at = saved[-1]["step"]
-    assert 0 < stopped_at < 40
+    assert 0 < stopped_at < TRAINED_STEPS
 
     resumed = run_cli("resume", str(output), "--events", timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     events = parse_events(resumed.stdout)
     assert events[0]["event"] == "start" and events[0]["step"] == stopped_at
     progress = [e for e in events if e["event"] == "progress"]
-    assert progress[0]["step"] == stopped_at + 1 and progress[-1]["step"] == 40
+    assert progress[0]["step"] == stopped_at + 1 and progress[-1]["step"] == TRAINED_STEPS
     assert events[-1] == {"event": "done", "model_dir": str(output)}
     assert (output / "model.pt").exists()
     # every step's randomness derives from (seed, step): the result equals the uninterrupted run's exactly

@@ -1,0 +1,130 @@
+"""Real training steps on tiny volumes: the co-training branch, determinism, offline 2D weights, lrg.mode=off."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from engine_fixtures import TINY_SET, make_dataset, model_state, states_equal, trained_run
+
+from MNSegmentLib import workflow
+from MNSegmentLib.datalist import load_datalist
+from MNSegmentLib.events import Events
+from MNSegmentLib.preprocess import Plan
+from MNSegmentLib.trainer import Trainer
+
+
+# -- the unlabeled branch (stage 2) really drives the student ------------------------------------------------
+def _trainer(run_dir: Path, **lrg) -> Trainer:
+    """A Trainer on the shared run folder (it loads that run's checkpoint; nothing is written by train_step).
+    Schedule: 8 steps, stage 2 from step 2, students alternate every step (2D at 2, 3D at 3)."""
+    config = json.loads((run_dir / "config.json").read_text())
+    config["train"].update(steps=8, warmup_fraction=0.25, alternate_every=1)
+    config["lrg"].update(lrg)
+    plan = Plan.from_json(json.loads((run_dir / "plan.json").read_text()))
+    datalist = load_datalist(run_dir / "datalist.json", check_files=False)
+    return Trainer(run_dir, config, plan, datalist, torch.device("cpu"), Events(False))
+
+
+def _one_step(run_dir: Path, step: int, mode: str, perturb_teacher: bool):
+    trainer = _trainer(run_dir, mode=mode, share=1.0, cap=1.0)
+    assert trainer.stage2 == 2
+    trainer.step = step
+    student, teacher = (trainer.model2d, trainer.model3d) if step % 2 == 0 else (trainer.model3d, trainer.model2d)
+    if perturb_teacher:
+        generator = torch.Generator().manual_seed(123)
+        with torch.no_grad():
+            for p in teacher.parameters():
+                p.add_(0.1 * p.std().nan_to_num() * torch.randn(p.shape, generator=generator))
+    before_student = {k: v.clone() for k, v in student.state_dict().items()}
+    before_teacher = {k: v.clone() for k, v in teacher.state_dict().items()}
+    record = trainer.train_step()
+    # the teacher is only read: its weights and normalisation statistics (eval mode) are unchanged
+    assert states_equal(before_teacher, teacher.state_dict())
+    after = {k: v.clone() for k, v in student.state_dict().items()}
+    assert not states_equal(before_student, after)  # the student did learn
+    return after, record
+
+
+@pytest.mark.parametrize("step,student", [(2, "2d"), (3, "3d")])
+def test_student_update_depends_on_teacher_only_through_unlabeled_data(tmp_path_factory, step, student):
+    run = trained_run(tmp_path_factory)
+    other = "3d" if student == "2d" else "2d"
+    # all-unlabeled batch: the student's update must change when only the teacher's weights change
+    a, record = _one_step(run.run_dir, step, "fixed", perturb_teacher=False)
+    b, _ = _one_step(run.run_dir, step, "fixed", perturb_teacher=True)
+    assert record["stage"] == "cotrain" and record["unlabeled_share"] == 1.0
+    assert record[f"loss_{student}"] is not None and record[f"loss_{other}"] is None
+    assert not states_equal(a, b)
+    # labeled only: the teacher's weights do not matter at all
+    c, record = _one_step(run.run_dir, step, "off", perturb_teacher=False)
+    d, _ = _one_step(run.run_dir, step, "off", perturb_teacher=True)
+    assert record["unlabeled_share"] == 0.0 and record[f"loss_{other}"] is None
+    assert states_equal(c, d)
+    assert not states_equal(a, c)
+
+
+# -- determinism given a seed --------------------------------------------------------------------------------
+COTRAIN_SET = {**TINY_SET, "train.steps": 4, "train.warmup_fraction": 0.5, "train.alternate_every": 1,
+               "lrg.mode": "fixed", "lrg.share": 0.5}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("tiny") / "data", n_labeled=2, n_unlabeled=1, seed=5)
+
+
+def test_same_seed_same_weights_other_seed_different(tmp_path, tiny_data):
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        runs[name] = workflow.train(tiny_data, tmp_path / name, "quick", "cpu", {**COTRAIN_SET, "seed": seed})
+    history = torch.load(runs["a"] / "checkpoint.pt", weights_only=True)["history"]
+    assert [r["stage"] for r in history] == ["warmup", "warmup", "cotrain", "cotrain"]
+    assert any(r["unlabeled_share"] > 0 for r in history)  # the co-training path was exercised
+    assert states_equal(model_state(runs["a"]), model_state(runs["b"]))
+    assert not states_equal(model_state(runs["a"]), model_state(runs["c"]))
+
+
+# -- lrg.mode=off: no unlabeled data, students still alternate ----------------------------------------------
+def test_lrg_off_never_draws_unlabeled_but_students_alternate(tmp_path, tiny_data):
+    stream = io.StringIO()
+    overrides = {**TINY_SET, "train.steps": 6, "train.warmup_fraction": 0.34, "train.alternate_every": 1,
+                 "lrg.mode": "off"}
+    run = workflow.train(tiny_data, tmp_path / "off", "quick", "cpu", overrides, Events(True, stream))
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    progress = [e for e in events if e["event"] == "progress"]
+    assert progress and all(e["unlabeled_share"] == 0 for e in progress)
+    history = torch.load(run / "checkpoint.pt", weights_only=True)["history"]
+    assert len(history) == 6 and all(r["unlabeled_share"] == 0 for r in history)
+    turns = [(r["stage"], r["loss_2d"] is not None, r["loss_3d"] is not None) for r in history]
+    assert turns == [("warmup", True, True)] * 2 + [("cotrain", True, False), ("cotrain", False, True)] * 2
+    assert not (run / "pseudo").exists()  # no pseudo-masks are computed when nothing unlabeled is drawn
+    assert json.loads((run / "config.json").read_text())["lrg"]["mode"] == "off"
+
+
+# -- offline 2D weights from a local file --------------------------------------------------------------------
+def test_2d_weights_from_a_local_file(tmp_path, tiny_data):
+    torch.manual_seed(7)
+    encoder = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True)
+    weights = tmp_path / "my encoder.pth"
+    torch.save(encoder.state_dict(), weights)
+    stream = io.StringIO()
+    overrides = {**TINY_SET, "train.steps": 2, "train.warmup_fraction": 1.0, "model2d.weights": str(weights)}
+    run = workflow.train(tiny_data, tmp_path / "run", "quick", "cpu", overrides, Events(True, stream))
+    start = json.loads(stream.getvalue().splitlines()[0])
+    assert start["event"] == "start" and str(weights) in start["weights_2d"]
+    assert json.loads((run / "config.json").read_text())["model2d"]["weights"] == str(weights)
+    # LoRA keeps the pretrained convolutions frozen: the trained model still holds the file's tensors
+    trained = torch.load(run / "model.pt", weights_only=True)["model2d"]
+    source = encoder.state_dict()
+    compared = 0
+    for key, value in trained.items():
+        plain = key.removeprefix("encoder.").replace(".base_layer", "")
+        if key.startswith("encoder.") and "conv" in plain and plain.endswith("weight") and plain in source:
+            assert torch.equal(value, source[plain]), key
+            compared += 1
+    assert compared >= 10
