@@ -24,7 +24,8 @@ the main arms run at ``--main-labeled`` (2).
 
 Example (the run reported in docs/BENCHMARKS.md)::
 
-    python benchmarks/accuracy.py --out benchmarks/out --seeds 0 1 2 --steps 240 --jobs 2 --resolution 3
+    python benchmarks/accuracy.py --out benchmarks/out --seeds 0 1 2 --steps 200 --jobs 2 --resolution 3 \
+        --arms mn_lr mn_linear mn_fixed sup3d mn_scratch2d mn_lr_wu50 sup3d_wu50 --sweep-seeds 0 1
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ TRAINED_ARMS: dict[str, tuple[dict, dict[str, str]]] = {
     "mn_fixed": ({"lrg.mode": "fixed", "lrg.share": 0.5}, {"mn_fixed": "3d"}),
     "sup3d": ({"lrg.mode": "off"}, {"sup3d": "3d", "sup2d": "2d"}),
     "mn_scratch2d": ({"lrg.mode": "lr", "model2d.weights": "none"}, {"mn_scratch2d": "3d"}),
+    # diagnostic (not one of the issue's arms): stage 1 = half of the steps instead of 1/8, so the teachers are
+    # better trained when co-training starts; paired with the labeled-only run under the same schedule
+    "mn_lr_wu50": ({"lrg.mode": "lr", "train.warmup_fraction": 0.5}, {"mn_lr_wu50": "3d", "mn_lr_2d_wu50": "2d"}),
+    "sup3d_wu50": ({"lrg.mode": "off", "train.warmup_fraction": 0.5}, {"sup3d_wu50": "3d", "sup2d_wu50": "2d"}),
 }
 # reported arm -> the trained arm that produces it
 PRODUCED_BY = {reported: trained for trained, (_, nets) in TRAINED_ARMS.items() for reported in nets}
@@ -68,8 +73,13 @@ ARM_LABELS = {
     "mn_scratch2d": "M&N, 2D from scratch (`model2d.weights=none`)",
     "mn_lr_2d": "(extra) 2D net of the M&N `lr` run, slice-wise",
     "otsu3": "(reference, no learning) 3-threshold multi-Otsu, brightest class",
+    "mn_lr_wu50": "(diagnostic) M&N `lr`, `train.warmup_fraction=0.5`",
+    "mn_lr_2d_wu50": "(diagnostic) its 2D net, slice-wise",
+    "sup3d_wu50": "(diagnostic) labeled-only 3D, `train.warmup_fraction=0.5`",
+    "sup2d_wu50": "(diagnostic) its 2D net, slice-wise",
 }
-MAIN_ORDER = ["mn_lr", "mn_linear", "mn_fixed", "sup3d", "sup2d", "mn_scratch2d", "mn_lr_2d", "otsu3"]
+MAIN_ORDER = ["mn_lr", "mn_linear", "mn_fixed", "sup3d", "sup2d", "mn_scratch2d", "mn_lr_2d", "otsu3",
+              "mn_lr_wu50", "mn_lr_2d_wu50", "sup3d_wu50", "sup2d_wu50"]
 
 
 def task_dir(out: Path, labeled: int, args: argparse.Namespace) -> Path:
@@ -264,13 +274,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/out", help="work folder (git-ignored); default benchmarks/out")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
-    p.add_argument("--steps", type=int, default=240, help="training steps, identical for every arm")
+    p.add_argument("--steps", type=int, default=200, help="training steps, identical for every arm")
     p.add_argument("--preset", default="quick")
     p.add_argument("--arms", nargs="+", default=["mn_lr", "mn_linear", "mn_fixed", "sup3d", "mn_scratch2d"],
                    choices=sorted(TRAINED_ARMS), help="trained arms at --main-labeled (sup3d also gives sup2d)")
     p.add_argument("--main-labeled", type=int, default=2)
     p.add_argument("--sweep-labeled", type=int, nargs="*", default=[1, 4],
                    help="extra labeled counts for the label sweep (empty: no sweep)")
+    p.add_argument("--sweep-seeds", type=int, nargs="*", default=None,
+                   help="seeds of the label sweep (default: --seeds)")
     p.add_argument("--sweep-arms", nargs="*", default=["mn_lr", "sup3d"], choices=sorted(TRAINED_ARMS))
     p.add_argument("--jobs", type=int, default=2, help="parallel processes, one thread each")
     p.add_argument("--resolution", type=float, default=3.0, help="voxel size of the task in mm")
@@ -302,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.sweep_labeled:
             if n == args.main_labeled:
                 continue
-            for seed in args.seeds:
+            for seed in (args.seeds if args.sweep_seeds is None else args.sweep_seeds):
                 jobs += [(arm, n, seed) for arm in args.sweep_arms]
         todo = [j for j in jobs
                 if not all(result_path(out, r, j[1], j[2]).exists() for r in TRAINED_ARMS[j[0]][1])]
