@@ -220,7 +220,8 @@ def test_settings_are_saved_in_config_json(tmp_path_factory):
     run = trained_run(tmp_path_factory)
     config = json.loads((run.run_dir / "config.json").read_text())
     assert config["preset"] == "quick" and config["device"] == "cpu"
-    assert config["train"]["steps"] == TRAINED_STEPS and config["train"]["lr_3d"] == 0.005 and config["train"]["warmup_fraction"] == 0.5
+    assert config["train"]["steps"] == TRAINED_STEPS and config["train"]["warmup_fraction"] == 0.5
+    assert config["train"]["lr_3d"] == 0.005
     assert config["sampling"]["patch_size"] == [32, 32, 16] and config["sampling"]["batch_size"] == 2
     assert config["model2d"]["weights"] == "none"
     assert config["model3d"]["kwargs"]["channels"] == [16, 32, 64, 128]  # from the quick preset
