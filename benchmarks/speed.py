@@ -266,7 +266,7 @@ def breakdown(rows: list[dict]) -> str:
             s = r["kinds"][kind]
             p, tot = s["parts_s"], s["s_per_step"]
 
-            def f(v):
+            def f(v, tot=tot):
                 return f"{v:.3f} ({100 * v / tot:.0f}%)"
 
             lines.append(
