@@ -25,7 +25,7 @@ the main arms run at ``--main-labeled`` (2).
 Example (the run reported in docs/BENCHMARKS.md)::
 
     python benchmarks/accuracy.py --out benchmarks/out --seeds 0 1 2 --steps 200 --jobs 2 --resolution 3 \
-        --arms mn_lr mn_linear mn_fixed sup3d mn_scratch2d mn_lr_wu50 sup3d_wu50 --sweep-seeds 0 1
+        --arms mn_lr mn_linear mn_fixed sup3d mn_scratch2d mn_lr_wu50 sup3d_wu50
 """
 
 from __future__ import annotations
