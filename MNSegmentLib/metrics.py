@@ -74,8 +74,9 @@ def pair_files(prediction: Path, reference: Path) -> list[tuple[str, Path, Path]
     raise InputError(f"--prediction {prediction} and --reference {reference} must both be files or both folders")
 
 
-def evaluate(prediction: Path, reference: Path) -> dict:
+def evaluate(prediction: str | Path, reference: str | Path) -> dict:
     """Per-case and mean metrics per class; cases with an empty class get null distances."""
+    prediction, reference = Path(prediction), Path(reference)
     cases = {}
     for name, pred_path, ref_path in pair_files(prediction, reference):
         cases[name] = case_metrics(read_image(pred_path), read_image(ref_path), name)
