@@ -39,14 +39,14 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
 import shutil  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait  # noqa: E402
 from multiprocessing import get_context  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+from machine_info import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 METRICS = ("dice", "jaccard", "hd95_mm", "asd_mm")
 
@@ -251,23 +251,6 @@ def markdown_table(rows: dict) -> str:
             f"{_fmt(s.get('dice'))} | {_fmt(s.get('jaccard'))} | {_fmt(s.get('hd95_mm'), digits=2)} | "
             f"{_fmt(s.get('asd_mm'), digits=2)} |")
     return "\n".join(lines)
-
-
-def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines()
-                                  if ln.startswith("Model name")), None)
-    except (OSError, subprocess.SubprocessError):
-        info["cpu_model"] = None
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-    except ImportError:
-        pass
-    return info
 
 
 def main(argv: list[str] | None = None) -> int:

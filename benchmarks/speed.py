@@ -33,11 +33,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine_info import machine  # benchmarks/ is on sys.path when run as a script
 
 KINDS = ("stage1", "stage2_2d", "stage2_3d")
 PARTS = ("sample_labeled", "sample_unlabeled", "fwd_student_2d", "fwd_student_3d", "teacher_2d", "teacher_3d",
@@ -223,24 +224,6 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- driver side
-def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines()
-                                  if ln.startswith("Model name")), None)
-    except (OSError, subprocess.SubprocessError):
-        info["cpu_model"] = None
-    try:
-        import psutil
-
-        info["ram_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
-        info["load_avg_at_start"] = os.getloadavg()
-    except ImportError:
-        pass
-    return info
-
-
 def table(rows: list[dict]) -> str:
     lines = ["| preset | device | threads | batch (preset) | patch | stage 1 s/step | stage 2, 2D student s/step | "
              "stage 2, 3D student s/step | peak RSS (GB) | GPU peak (GB) |",
