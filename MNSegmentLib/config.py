@@ -62,6 +62,7 @@ _BASE: dict[str, Any] = {
         "mode": "lr",  # lr | linear | fixed | off
         "share": 0.5,  # the constant share for mode "fixed"
         "cap": 0.8,
+        "unlabeled": "replace",  # replace: unlabeled patches take labeled places (reference); add: on top
     },
     "inference": {
         "network": "3d",  # 3d | 2d | ensemble
@@ -178,6 +179,7 @@ def validate(config: dict[str, Any]) -> None:
            "an integer >= 1")
     _check(all(0 < f < 1 for f in t["refresh_at"]), "train.refresh_at", "shares of all steps in (0, 1)")
     _check(lrg["mode"] in ("lr", "linear", "fixed", "off"), "lrg.mode", "one of lr, linear, fixed, off")
+    _check(lrg["unlabeled"] in ("replace", "add"), "lrg.unlabeled", "replace or add")
     _check(0 <= lrg["share"] <= 1 and 0 <= lrg["cap"] <= 1, "lrg.share/lrg.cap", "numbers in [0, 1]")
     _check(m2["adaptation"] in ("lora", "frozen", "full"), "model2d.adaptation", "one of lora, frozen, full")
     _check(config["data"]["normalization"] in ("auto", "ct", "mr", "none"), "data.normalization",

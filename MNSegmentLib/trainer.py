@@ -244,7 +244,10 @@ class Trainer:
             share = 0.0
         batch = self.config["sampling"]["batch_size"]
         n_unlabeled = split_batch(share, batch, rng)
-        x_l, y_l = self.labeled.sample(batch - n_unlabeled, rng)
+        # "replace" (the reference): unlabeled patches take labeled places; "add": they come on top of a full
+        # labeled batch, so the supervised signal never shrinks (docs/BENCHMARKS.md).
+        n_labeled = batch if lrg["unlabeled"] == "add" else batch - n_unlabeled
+        x_l, y_l = self.labeled.sample(n_labeled, rng)
         x_u, _ = self.unlabeled.sample(n_unlabeled, rng)
         x_l, x_u = x_l.to(self.device), x_u.to(self.device)
         y_l = y_l.to(self.device) if y_l is not None else None
@@ -255,8 +258,8 @@ class Trainer:
         if train_3d:
             losses["loss_3d"] = self._train_student("3d", x_l, y_l, x_u)
         return {"step": step, "stage": "warmup" if step < self.stage2 else "cotrain",
-                "unlabeled_share": n_unlabeled / batch, "lr_2d": t["lr_2d"] * factor, "lr_3d": t["lr_3d"] * factor,
-                **losses}
+                "unlabeled_share": n_unlabeled / (n_labeled + n_unlabeled), "lr_2d": t["lr_2d"] * factor,
+                "lr_3d": t["lr_3d"] * factor, **losses}
 
     # -- the loop -------------------------------------------------------------------------------------------
     def _report(self, force: bool = False, activity: str | None = None) -> None:

@@ -145,3 +145,23 @@ def test_2d_weights_from_a_local_file(tmp_path, tiny_data):
             assert torch.equal(value, source[plain]), key
             compared += 1
     assert compared >= 10
+
+
+# -- batch composition: unlabeled patches replace labeled ones (reference) or come on top -------------------
+@pytest.mark.parametrize("composition, expected", [("replace", (1, 1)), ("add", (2, 1))])
+def test_unlabeled_patches_replace_or_add_to_the_labeled_batch(tmp_path_factory, composition, expected):
+    trainer = _trainer(trained_run(tmp_path_factory).run_dir)
+    trainer.config["lrg"].update(mode="fixed", share=0.5, cap=1.0, unlabeled=composition)
+    drawn = {}
+    for name in ("labeled", "unlabeled"):  # record what the real samplers are asked for
+        sampler = getattr(trainer, name)
+
+        def counting(n, rng, original=sampler.sample, name=name):
+            drawn[name] = n
+            return original(n, rng)
+
+        sampler.sample = counting
+    trainer.step = trainer.stage2  # batch 2, share 0.5: exactly one unlabeled patch
+    record = trainer.train_step()
+    assert (drawn["labeled"], drawn["unlabeled"]) == expected
+    assert record["unlabeled_share"] == pytest.approx(expected[1] / sum(expected))
