@@ -180,7 +180,7 @@ def preprocess_datalist(datalist: Datalist, config: dict, cache_dir: Path, shoul
     for case in datalist.labeled + datalist.validation + datalist.unlabeled:
         if should_stop():
             break
-        image = images.pop(case.image, None) or read_image(case.image)
+        image = images.pop(case.image) if case.image in images else read_image(case.image)
         array, _ = preprocess_image(image, plan)
         np.save(cache_dir / f"{case.name}_image.npy", array)
         if case.label is not None:

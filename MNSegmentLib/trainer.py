@@ -134,10 +134,11 @@ class Trainer:
         points = {self.stage2} | {round(f * self.total) for f in self.config["train"]["refresh_at"]}
         return sorted(p for p in points if self.stage2 <= p < self.total)
 
-    def _predict_volume(self, array: np.ndarray, network: str) -> np.ndarray:
-        model = self.model3d if network == "3d" else self.model2d
+    def _predict_volume(self, array: np.ndarray) -> np.ndarray:
+        """Hard 3D-network prediction of a preprocessed volume (pseudo-masks and validation)."""
+        model = self.model3d
         model.eval()
-        predict = predictor(network, self.model2d, self.model3d, self.config["data"]["slice_axis"],
+        predict = predictor("3d", self.model2d, self.model3d, self.config["data"]["slice_axis"],
                             self.config["model2d"]["chunk_slices"])
         inference = self.config["inference"]
         probabilities = predict_array(array, predict, self.config["sampling"]["patch_size"], self.device,
@@ -155,7 +156,7 @@ class Trainer:
         for i, array in enumerate(self.unlabeled_images):
             if self.stop.is_set():
                 return  # the caller saves a checkpoint; masks are recomputed on resume
-            masks.append(self._predict_volume(array, "3d"))
+            masks.append(self._predict_volume(array))
             self._report(activity=f"pseudo-masks {i + 1}/{len(self.unlabeled_images)}")
             self._mask_path(i).parent.mkdir(exist_ok=True)
             np.save(self._mask_path(i), masks[-1])
@@ -169,7 +170,7 @@ class Trainer:
             return None
         scores = []
         for image, label in self.validation:
-            scores += dice_scores(self._predict_volume(image, "3d"), label, self.num_classes)
+            scores += dice_scores(self._predict_volume(image), label, self.num_classes)
         return float(np.mean(scores))
 
     # -- one step -------------------------------------------------------------------------------------------
