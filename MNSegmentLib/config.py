@@ -64,6 +64,10 @@ _BASE: dict[str, Any] = {
         "cap": 0.8,
         "unlabeled": "replace",  # replace: unlabeled patches take labeled places (reference); add: on top
     },
+    "teacher": {  # how the frozen network of stage 2 makes the student's targets on unlabeled patches
+        "temperature": 1.0,  # softmax(logits / T): 1 = the reference's soft targets, < 1 sharper, 0 = hard labels
+        "input": "augmented",  # augmented: the student's own patch (reference); clean: before intensity aug
+    },
     "inference": {
         "network": "3d",  # 3d | 2d | ensemble
         "overlap": 0.5,
@@ -181,6 +185,10 @@ def validate(config: dict[str, Any]) -> None:
     _check(lrg["mode"] in ("lr", "linear", "fixed", "off"), "lrg.mode", "one of lr, linear, fixed, off")
     _check(lrg["unlabeled"] in ("replace", "add"), "lrg.unlabeled", "replace or add")
     _check(0 <= lrg["share"] <= 1 and 0 <= lrg["cap"] <= 1, "lrg.share/lrg.cap", "numbers in [0, 1]")
+    teacher = config["teacher"]
+    _check(isinstance(teacher["temperature"], (int, float)) and teacher["temperature"] >= 0,
+           "teacher.temperature", "a number >= 0 (1 = soft targets, 0 = hard labels)")
+    _check(teacher["input"] in ("augmented", "clean"), "teacher.input", "augmented or clean")
     _check(m2["adaptation"] in ("lora", "frozen", "full"), "model2d.adaptation", "one of lora, frozen, full")
     _check(config["data"]["normalization"] in ("auto", "ct", "mr", "none"), "data.normalization",
            "one of auto, ct, mr, none")

@@ -84,8 +84,9 @@ class PatchSampler:
             patch = np.pad(patch, pad, mode=mode)
         return patch
 
-    def sample(self, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``n`` patches (n, 1, X, Y, Z) float and, for labeled volumes, their labels (n, 1, X, Y, Z) long."""
+    def crop(self, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``n`` patches (n, 1, X, Y, Z) float, before intensity augmentation, and, for labeled volumes, their
+        labels (n, 1, X, Y, Z) long."""
         if n == 0:
             return torch.zeros((0, 1, *self.patch_size)), None
         images, labels = [], []
@@ -102,8 +103,16 @@ class PatchSampler:
                 label = torch.from_numpy(self._crop(self.labels[index], centre, crop, "constant"))[None, None]
                 labels.append(F.interpolate(label.float(), size=size, mode="nearest")[0].long()
                               if tuple(crop) != size else label[0].long())
-        batch = torch.stack(images)
-        if self.augment is not None:
-            self.augment.set_random_state(seed=int(rng.integers(2**31)))
-            batch = torch.stack([torch.as_tensor(self.augment(patch)) for patch in batch])
-        return batch.float(), (torch.stack(labels) if labels else None)
+        return torch.stack(images).float(), (torch.stack(labels) if labels else None)
+
+    def augment_batch(self, batch: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """Intensity augmentation of every patch (a no-op when disabled or for an empty batch)."""
+        if self.augment is None or not len(batch):
+            return batch
+        self.augment.set_random_state(seed=int(rng.integers(2**31)))
+        return torch.stack([torch.as_tensor(self.augment(patch)) for patch in batch]).float()
+
+    def sample(self, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Cropped and augmented patches with their labels (see :meth:`crop`)."""
+        images, labels = self.crop(n, rng)
+        return self.augment_batch(images, rng), labels

@@ -1,8 +1,9 @@
 """The M&N co-training loop.
 
 Stage 1 trains both networks on labeled patches. Stage 2 alternates students every ``alternate_every`` steps:
-the other network, frozen and in eval mode, predicts the same augmented unlabeled patches and its softmax is
-the student's target; labeled and unlabeled patches share one batch and one loss. How many patches of the
+the other network, frozen and in eval mode, predicts the unlabeled patches (by default the same augmented ones;
+``teacher.input=clean``: before augmentation) and its softmax (``teacher.temperature``) is the student's target;
+labeled and unlabeled patches share one batch and one loss. How many patches of the
 batch are unlabeled follows the learning rate (:mod:`lrg`).
 """
 
@@ -187,12 +188,12 @@ class Trainer:
         return apply_2d(self.model2d, x, self.config["data"]["slice_axis"], self.config["model2d"]["chunk_slices"],
                         recompute=True)
 
-    def _train_student(self, network: str, x_l: torch.Tensor, y_l: torch.Tensor | None,
-                       x_u: torch.Tensor) -> float:
+    def _train_student(self, network: str, x_l: torch.Tensor, y_l: torch.Tensor | None, x_u: torch.Tensor,
+                       x_teacher: torch.Tensor) -> float:
         """One optimiser step of ``network``; on CUDA out-of-memory, retries with half the micro-batch."""
         while True:
             try:
-                return self._accumulate(network, x_l, y_l, x_u)
+                return self._accumulate(network, x_l, y_l, x_u, x_teacher)
             except torch.cuda.OutOfMemoryError:
                 if self.micro_batch == 1:
                     raise InputError("out of GPU memory even with one patch at a time; reduce "
@@ -202,12 +203,25 @@ class Trainer:
                 log.warning("out of GPU memory: continuing with micro-batches of %d patches", self.micro_batch)
                 self.events.emit("warning", message=f"out of GPU memory; micro-batch reduced to {self.micro_batch}")
 
-    def _accumulate(self, network: str, x_l: torch.Tensor, y_l: torch.Tensor | None, x_u: torch.Tensor) -> float:
+    @torch.no_grad()
+    def _teacher_targets(self, teacher: str, x: torch.Tensor) -> torch.Tensor:
+        """The frozen network's class probabilities on ``x``, sharpened by ``teacher.temperature``."""
+        model = self.model3d if teacher == "3d" else self.model2d
+        model.eval()
+        logits = self._forward(teacher, x).float()
+        model.train()
+        temperature = self.config["teacher"]["temperature"]
+        if temperature == 0:
+            return one_hot(logits.argmax(1), self.num_classes)
+        return torch.softmax(logits / temperature, 1)
+
+    def _accumulate(self, network: str, x_l: torch.Tensor, y_l: torch.Tensor | None, x_u: torch.Tensor,
+                    x_teacher: torch.Tensor) -> float:
         """Loss and gradients over the batch in micro-batches. Exact: the loss is a mean of per-sample terms,
-        so weighting each micro-batch by its share of the batch gives the full-batch gradient."""
+        so weighting each micro-batch by its share of the batch gives the full-batch gradient. ``x_teacher`` is
+        what the teacher sees of each unlabeled patch in ``x_u`` (the same tensor, or its un-augmented crop)."""
         optimizer = self.opt2d if network == "2d" else self.opt3d
         teacher = "3d" if network == "2d" else "2d"
-        teacher_model = self.model3d if teacher == "3d" else self.model2d
         x = torch.cat([x_l, x_u]) if len(x_u) else x_l
         n_labeled = len(x_l)
         optimizer.zero_grad(set_to_none=True)
@@ -218,12 +232,9 @@ class Trainer:
                 targets = []
                 if start < n_labeled:
                     targets.append(one_hot(y_l[part], self.num_classes))
-                unlabeled = x[max(start, n_labeled):part.stop]
-                if len(unlabeled):
-                    teacher_model.eval()
-                    with torch.no_grad():
-                        targets.append(torch.softmax(self._forward(teacher, unlabeled).float(), 1))
-                    teacher_model.train()
+                if part.stop > n_labeled:
+                    unlabeled = x_teacher[max(start - n_labeled, 0):part.stop - n_labeled]
+                    targets.append(self._teacher_targets(teacher, unlabeled))
                 loss = dice_kl_loss(self._forward(network, x[part]), torch.cat(targets))
                 loss = loss * (part.stop - start) / len(x)
             self.scaler.scale(loss).backward()
@@ -249,15 +260,17 @@ class Trainer:
         # labeled batch, so the supervised signal never shrinks (docs/BENCHMARKS.md).
         n_labeled = batch if lrg["unlabeled"] == "add" else batch - n_unlabeled
         x_l, y_l = self.labeled.sample(n_labeled, rng)
-        x_u, _ = self.unlabeled.sample(n_unlabeled, rng)
-        x_l, x_u = x_l.to(self.device), x_u.to(self.device)
+        x_clean, _ = self.unlabeled.crop(n_unlabeled, rng)
+        x_u = self.unlabeled.augment_batch(x_clean, rng)
+        x_teacher = x_clean if self.config["teacher"]["input"] == "clean" else x_u
+        x_l, x_u, x_teacher = x_l.to(self.device), x_u.to(self.device), x_teacher.to(self.device)
         y_l = y_l.to(self.device) if y_l is not None else None
         train_2d, train_3d = self._students(step)
         losses = {"loss_2d": None, "loss_3d": None}
         if train_2d:
-            losses["loss_2d"] = self._train_student("2d", x_l, y_l, x_u)
+            losses["loss_2d"] = self._train_student("2d", x_l, y_l, x_u, x_teacher)
         if train_3d:
-            losses["loss_3d"] = self._train_student("3d", x_l, y_l, x_u)
+            losses["loss_3d"] = self._train_student("3d", x_l, y_l, x_u, x_teacher)
         return {"step": step, "stage": "warmup" if step < self.stage2 else "cotrain",
                 "unlabeled_share": n_unlabeled / (n_labeled + n_unlabeled), "lr_2d": t["lr_2d"] * factor,
                 "lr_3d": t["lr_3d"] * factor, **losses}

@@ -58,6 +58,8 @@ def test_apply_overrides():
     ("train.steps", 1), ("train.steps", 2.5), ("lrg.mode", "sometimes"), ("lrg.cap", 1.5),
     ("model2d.adaptation", "qlora"), ("data.slice_axis", 3), ("inference.network", "4d"),
     ("data.target_spacing", [1, 1]), ("train.warmup_fraction", 0), ("sampling.scale_jitter", 0.7),
+    ("lrg.unlabeled", "both"), ("teacher.temperature", -0.5), ("teacher.temperature", "sharp"),
+    ("teacher.input", "raw"),
 ])
 def test_invalid_values_are_input_errors(key, value):
     with pytest.raises(InputError, match=key.split(".")[0]):

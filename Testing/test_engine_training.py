@@ -7,6 +7,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -156,12 +157,58 @@ def test_unlabeled_patches_replace_or_add_to_the_labeled_batch(tmp_path_factory,
     for name in ("labeled", "unlabeled"):  # record what the real samplers are asked for
         sampler = getattr(trainer, name)
 
-        def counting(n, rng, original=sampler.sample, name=name):
+        def counting(n, rng, original=sampler.crop, name=name):
             drawn[name] = n
             return original(n, rng)
 
-        sampler.sample = counting
+        sampler.crop = counting
     trainer.step = trainer.stage2  # batch 2, share 0.5: exactly one unlabeled patch
     record = trainer.train_step()
     assert (drawn["labeled"], drawn["unlabeled"]) == expected
     assert record["unlabeled_share"] == pytest.approx(expected[1] / sum(expected))
+
+
+# -- the teacher's targets: temperature and which view of the patch it sees ------------------------------------
+def test_teacher_temperature_sharpens_the_targets(tmp_path_factory):
+    trainer = _trainer(trained_run(tmp_path_factory).run_dir)
+    x, _ = trainer.unlabeled.sample(1, np.random.default_rng(0))
+    trainer.model3d.eval()
+    with torch.no_grad():
+        logits = trainer.model3d(x).float()
+    trainer.model3d.train()
+    targets = {}
+    for temperature in (1.0, 0.5, 0):
+        trainer.config["teacher"]["temperature"] = temperature
+        targets[temperature] = trainer._teacher_targets("3d", x)
+        assert torch.allclose(targets[temperature].sum(1), torch.ones(1)), temperature
+    assert torch.allclose(targets[1.0], torch.softmax(logits, 1), atol=1e-6)  # the reference's soft targets
+    assert torch.allclose(targets[0.5], torch.softmax(2 * logits, 1), atol=1e-6)
+    assert float(targets[0.5].max(1).values.mean()) > float(targets[1.0].max(1).values.mean())
+    hard = targets[0]
+    assert set(hard.unique().tolist()) <= {0.0, 1.0} and torch.equal(hard.argmax(1), logits.argmax(1))
+
+
+@pytest.mark.parametrize("view", ["augmented", "clean"])
+def test_teacher_sees_the_augmented_patch_or_the_clean_crop(tmp_path_factory, view):
+    trainer = _trainer(trained_run(tmp_path_factory).run_dir)
+    trainer.config["lrg"].update(mode="fixed", share=1.0)
+    trainer.config["teacher"]["input"] = view
+    seen = {}
+    crop, augment, targets = trainer.unlabeled.crop, trainer.unlabeled.augment_batch, trainer._teacher_targets
+
+    def record(name, function):
+        def wrapper(*args):
+            out = function(*args)
+            seen[name] = (args, out)
+            return out
+        return wrapper
+
+    trainer.unlabeled.crop = record("crop", crop)
+    trainer.unlabeled.augment_batch = record("augment", augment)
+    trainer._teacher_targets = record("teacher", targets)
+    trainer.step = trainer.stage2
+    trainer.train_step()
+    clean, augmented = seen["crop"][1][0], seen["augment"][1]
+    assert not torch.equal(clean, augmented)  # the augmentation did change this batch
+    teacher_input = seen["teacher"][0][1]
+    assert torch.equal(teacher_input, clean if view == "clean" else augmented)

@@ -38,11 +38,12 @@ def trainer(tmp_path_factory) -> Trainer:
                    threading.Event())
 
 
-def _batch(trainer: Trainer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _batch(trainer: Trainer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Labeled patches and labels, augmented unlabeled patches, and the teacher's (un-augmented) view of them."""
     rng = step_rng(0, 123, 0)
     x_l, y_l = trainer.labeled.sample(2, rng)
-    x_u, _ = trainer.unlabeled.sample(2, rng)
-    return x_l, y_l, x_u
+    x_clean, _ = trainer.unlabeled.crop(2, rng)
+    return x_l, y_l, trainer.unlabeled.augment_batch(x_clean, rng), x_clean
 
 
 def _update(trainer: Trainer, micro_batch: int, model3d: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:

@@ -105,11 +105,11 @@ def instrument(trainer, timers: Timers) -> None:
 
     original_student = trainer._train_student
 
-    def train_student(network, x_l, y_l, x_u):
+    def train_student(network, *batch):
         forward_in_student["t"] = 0.0
         sync()
         t0 = time.perf_counter()
-        out = original_student(network, x_l, y_l, x_u)
+        out = original_student(network, *batch)
         sync()
         timers.add(f"bwd_opt_{network}", time.perf_counter() - t0 - forward_in_student["t"])
         return out
