@@ -62,7 +62,9 @@ _BASE: dict[str, Any] = {
         "mode": "lr",  # lr | linear | fixed | off
         "share": 0.5,  # the constant share for mode "fixed"
         "cap": 0.8,
-        "unlabeled": "replace",  # replace: unlabeled patches take labeled places (reference); add: on top
+        # add: unlabeled patches come on top of a full labeled batch; replace: they take labeled places (the
+        # reference code). add beat both replace and labeled-only at 1000 steps (docs/BENCHMARKS.md §2b).
+        "unlabeled": "add",
     },
     "teacher": {  # how the frozen network of stage 2 makes the student's targets on unlabeled patches
         "temperature": 1.0,  # softmax(logits / T): 1 = the reference's soft targets, < 1 sharper, 0 = hard labels
@@ -83,6 +85,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sampling": {"patch_size": [160, 160, 64], "batch_size": 5},
         "model2d": {"name": "resnet50", "lora_rank": 64, "lora_alpha": 64, "chunk_slices": 64},
         "train": {"steps": 32000, "checkpoint_every": 1000, "validate_every": 1000},
+        "lrg": {"unlabeled": "replace"},
     },
     "default": {},
     # CPU-sized: small patches, a small 3D U-Net and few steps; a small dataset trains in a few minutes.

@@ -256,8 +256,8 @@ class Trainer:
             share = 0.0
         batch = self.config["sampling"]["batch_size"]
         n_unlabeled = split_batch(share, batch, rng)
-        # "replace" (the reference): unlabeled patches take labeled places; "add": they come on top of a full
-        # labeled batch, so the supervised signal never shrinks (docs/BENCHMARKS.md).
+        # "add": unlabeled patches come on top of a full labeled batch, so the supervised signal never shrinks
+        # (docs/BENCHMARKS.md); "replace" (the reference code): they take labeled places.
         n_labeled = batch if lrg["unlabeled"] == "add" else batch - n_unlabeled
         x_l, y_l = self.labeled.sample(n_labeled, rng)
         x_clean, _ = self.unlabeled.crop(n_unlabeled, rng)

@@ -12,7 +12,7 @@ from MNSegmentLib.errors import InputError
 def test_presets_resolve_and_validate(name):
     config = preset(name)
     validate(config)
-    for section in ("data", "sampling", "model2d", "model3d", "train", "lrg", "inference"):
+    for section in ("data", "sampling", "model2d", "model3d", "train", "lrg", "teacher", "inference"):
         assert section in config
 
 
@@ -21,6 +21,9 @@ def test_preset_values():
     assert paper["sampling"]["patch_size"] == [160, 160, 64] and paper["sampling"]["batch_size"] == 5
     assert paper["train"]["lr_2d"] == 1e-3 and paper["train"]["lr_3d"] == 1e-4
     assert paper["train"]["alternate_every"] == 8 and paper["lrg"]["cap"] == 0.8
+    # the reference's batch composition and soft targets in paper; unlabeled patches on top elsewhere
+    assert paper["lrg"]["unlabeled"] == "replace" and paper["teacher"] == {"temperature": 1.0, "input": "augmented"}
+    assert quick["lrg"]["unlabeled"] == default["lrg"]["unlabeled"] == "add"
     assert quick["model3d"]["kwargs"]["channels"] == [16, 32, 64, 128]
     assert quick["model3d"]["kwargs"]["strides"] == [2, 2, 2]
     assert quick["train"]["steps"] == 400

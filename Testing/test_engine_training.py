@@ -26,7 +26,7 @@ def _trainer(run_dir: Path) -> Trainer:
     Schedule: 8 steps, stage 2 from step 2, students alternate every step (2D at 2, 3D at 3)."""
     config = json.loads((run_dir / "config.json").read_text())
     config["train"].update(steps=8, warmup_fraction=0.25, alternate_every=1)
-    config["lrg"].update(share=1.0, cap=1.0)
+    config["lrg"].update(share=1.0, cap=1.0, unlabeled="replace")  # share 1: an all-unlabeled batch
     plan = Plan.from_json(json.loads((run_dir / "plan.json").read_text()))
     datalist = load_datalist(run_dir / "datalist.json", check_files=False)
     return Trainer(run_dir, config, plan, datalist, torch.device("cpu"), Events(False))
