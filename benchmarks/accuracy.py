@@ -61,6 +61,9 @@ TRAINED_ARMS: dict[str, tuple[dict, dict[str, str]]] = {
     # better trained when co-training starts; paired with the labeled-only run under the same schedule
     "mn_lr_wu50": ({"lrg.mode": "lr", "train.warmup_fraction": 0.5}, {"mn_lr_wu50": "3d", "mn_lr_2d_wu50": "2d"}),
     "sup3d_wu50": ({"lrg.mode": "off", "train.warmup_fraction": 0.5}, {"sup3d_wu50": "3d", "sup2d_wu50": "2d"}),
+    # control for lrg.unlabeled=add, whose stage-2 batches hold 4 labeled + up to 3 unlabeled patches: labeled-only
+    # with 6 labeled patches every step sees at least as many patches, all of them labeled
+    "sup3d_b6": ({"lrg.mode": "off", "sampling.batch_size": 6}, {"sup3d_b6": "3d", "sup2d_b6": "2d"}),
 }
 # reported arm -> the trained arm that produces it
 PRODUCED_BY = {reported: trained for trained, (_, nets) in TRAINED_ARMS.items() for reported in nets}
@@ -77,9 +80,11 @@ ARM_LABELS = {
     "mn_lr_2d_wu50": "(diagnostic) its 2D net, slice-wise",
     "sup3d_wu50": "(diagnostic) labeled-only 3D, `train.warmup_fraction=0.5`",
     "sup2d_wu50": "(diagnostic) its 2D net, slice-wise",
+    "sup3d_b6": "(control) labeled-only 3D, batch 6",
+    "sup2d_b6": "(control) its 2D net, slice-wise",
 }
 MAIN_ORDER = ["mn_lr", "mn_linear", "mn_fixed", "sup3d", "sup2d", "mn_scratch2d", "mn_lr_2d", "otsu3",
-              "mn_lr_wu50", "mn_lr_2d_wu50", "sup3d_wu50", "sup2d_wu50"]
+              "mn_lr_wu50", "mn_lr_2d_wu50", "sup3d_wu50", "sup2d_wu50", "sup3d_b6", "sup2d_b6"]
 
 
 def task_dir(out: Path, labeled: int, args: argparse.Namespace) -> Path:
