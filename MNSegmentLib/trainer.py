@@ -261,9 +261,8 @@ class Trainer:
         n_labeled = batch if lrg["unlabeled"] == "add" else batch - n_unlabeled
         x_l, y_l = self.labeled.sample(n_labeled, rng)
         x_clean, _ = self.unlabeled.crop(n_unlabeled, rng)
-        x_u = self.unlabeled.augment_batch(x_clean, rng)
-        x_teacher = x_clean if self.config["teacher"]["input"] == "clean" else x_u
-        x_l, x_u, x_teacher = x_l.to(self.device), x_u.to(self.device), x_teacher.to(self.device)
+        x_l, x_u = x_l.to(self.device), self.unlabeled.augment_batch(x_clean, rng).to(self.device)
+        x_teacher = x_clean.to(self.device) if self.config["teacher"]["input"] == "clean" else x_u  # one copy
         y_l = y_l.to(self.device) if y_l is not None else None
         train_2d, train_3d = self._students(step)
         losses = {"loss_2d": None, "loss_3d": None}
