@@ -214,3 +214,9 @@ def load(path: Path) -> dict[str, Any]:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{path} not found: is this an MNSegment run folder?") from None
+
+
+def load_run_config(path: Path) -> dict[str, Any]:
+    """A run folder's config.json. Keys added to the engine after the run was made take their defaults, so a
+    new key's default must reproduce the engine's earlier behaviour (as ``teacher.*`` does)."""
+    return _merge(_BASE, load(path))

@@ -84,7 +84,7 @@ def resume(run_dir: str | Path, device: str | None = None, events: Events | None
            stop: threading.Event | None = None) -> Path:
     """Continues a run from its last checkpoint (or from the start if it was stopped before the first one)."""
     run_dir = Path(run_dir).absolute()
-    config = configuration.load(run_dir / "config.json")
+    config = configuration.load_run_config(run_dir / "config.json")
     if (run_dir / MODEL).exists():
         raise InputError(f"{run_dir} has finished training already (model.pt exists); nothing to resume")
     plan = Plan.from_json(configuration.load(run_dir / "plan.json"))
@@ -111,7 +111,7 @@ def _write_curves(run_dir: Path, history: list[dict]) -> None:
 
 def load_models(run_dir: Path, device: torch.device) -> tuple[dict, Plan, torch.nn.Module, torch.nn.Module]:
     """The trained networks of a run folder, in eval mode (no pretrained weights or network access needed)."""
-    config = configuration.load(run_dir / "config.json")
+    config = configuration.load_run_config(run_dir / "config.json")
     plan = Plan.from_json(configuration.load(run_dir / "plan.json"))
     weights = run_dir / MODEL
     if not weights.exists():

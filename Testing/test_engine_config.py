@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from MNSegmentLib.config import PRESETS, apply_overrides, parse_set_args, parse_value, preset, validate
+from MNSegmentLib.config import (
+    PRESETS,
+    apply_overrides,
+    load_run_config,
+    parse_set_args,
+    parse_value,
+    preset,
+    validate,
+)
 from MNSegmentLib.errors import InputError
 
 
@@ -67,3 +77,14 @@ def test_apply_overrides():
 def test_invalid_values_are_input_errors(key, value):
     with pytest.raises(InputError, match=key.split(".")[0]):
         apply_overrides(preset("quick"), {key: value})
+
+
+def test_run_config_from_an_older_engine_gets_the_new_keys_defaults(tmp_path):
+    old = preset("quick")
+    del old["teacher"]  # a run folder made before teacher.* existed
+    old["lrg"]["unlabeled"] = "replace"
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    loaded = load_run_config(tmp_path / "config.json")
+    assert loaded["teacher"] == {"temperature": 1.0, "input": "augmented"}  # the behaviour it was trained with
+    assert loaded["lrg"]["unlabeled"] == "replace" and loaded["model3d"] == old["model3d"]  # its own values win
+    validate(loaded)
