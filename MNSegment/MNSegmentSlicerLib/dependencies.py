@@ -46,6 +46,16 @@ REQUIREMENTS = (
 #: Distributions that must never be installed or replaced by pip from this module.
 PROTECTED = ("SimpleITK", "numpy", "scipy")
 
+#: Python distributions a stock Slicer 5.10 ships (its SuperBuild's External_python-*.cmake). pip may add
+#: packages next to them but must not move them: installing MNSegment's dependencies once upgraded idna and
+#: typing_extensions there (Testing/test_slicer_environment.py).
+SLICER_PACKAGES = (
+    "pip", "setuptools", "wheel", "numpy", "scipy", "SimpleITK", "packaging", "pyparsing", "six", "certifi",
+    "idna", "charset-normalizer", "urllib3", "requests", "pydicom", "pillow", "retrying", "dicomweb-client",
+    "chardet", "CouchDB", "gitdb", "smmap", "GitPython", "cryptography", "PyJWT", "wrapt", "Deprecated",
+    "pycparser", "cffi", "PyNaCl", "python-dateutil", "typing_extensions", "PyGithub",
+)
+
 
 def is_installed(module: str) -> bool:
     try:
@@ -69,7 +79,7 @@ def installed_version(distribution: str) -> str | None:
 def constraints(version=installed_version) -> list[str]:
     """pip constraint lines pinning what is already there and must not move (Slicer's own packages, torch)."""
     lines = []
-    for name in (*PROTECTED, "torch", "torchvision"):
+    for name in dict.fromkeys((*PROTECTED, *SLICER_PACKAGES, "torch", "torchvision")):
         v = version(name)
         if v:
             lines.append(f"{name}=={v}")

@@ -137,10 +137,13 @@ class MNSegmentLogic:
         logic.segment([vol5], job.folder / "run")
     """
 
-    def __init__(self, scene=None, confirm_install=None):
+    def __init__(self, scene=None, confirm_install=None, python: list[str] | None = None):
         self.scene = scene
         #: ``callable(message) -> bool`` asked before installing missing Python packages (Slicer only)
         self.confirm_install = confirm_install
+        #: command that starts the worker's Python (default: ``PythonSlicer`` inside Slicer, else this Python)
+        self.python = python
+        #: running jobs and the last ones started (finished jobs are dropped when a new one starts)
         self.jobs: list[EngineJob] = []
 
     # -------------------------------------------------------------------------------- scene queries
@@ -191,6 +194,9 @@ class MNSegmentLogic:
         if missing:
             names = ", ".join(r.name for r in missing)
             raise EngineError(f"Python packages needed by MNSegment are missing: {names}.")
+        problem = dependencies.torch_problem()
+        if problem:
+            raise EngineError(problem)
 
     # --------------------------------------------------------------------------------------- export
     def export_cases(self, labeled, unlabeled, folder: Path, role_unlabeled: str = "unlabeled") -> dict:
@@ -360,7 +366,7 @@ class MNSegmentLogic:
         from .job import worker_environment
 
         job = EngineJob(phases, folder=folder, on_progress=on_progress, on_log=on_log, on_event=on_event,
-                        on_phase=on_phase, env=worker_environment())
+                        on_phase=on_phase, env=worker_environment(), python=self.python)
         if load:
             def load_results(job):
                 if job.status == DONE:
@@ -369,6 +375,7 @@ class MNSegmentLogic:
         job.add_finished_handler(_record_status)
         if on_finished is not None:
             job.add_finished_handler(on_finished)
+        self.jobs = [j for j in self.jobs if j.running]
         self.jobs.append(job)
         job.start()
         if wait:
@@ -380,11 +387,15 @@ class MNSegmentLogic:
             job.raise_for_status()
         return job
 
-    def cancel_all(self) -> None:
-        """Cancel every running job (scene close, application exit)."""
+    def cancel_all(self, wait: bool = False) -> None:
+        """Cancel every running job (scene close; application exit with ``wait=True``, so that the workers
+        save their checkpoints before Slicer goes)."""
         for job in self.jobs:
             if job.running:
                 job.cancel()
+        if wait:
+            for job in self.jobs:
+                job.wait()
 
     # -------------------------------------------------------------------------------------- results
     def load_predictions(self, job_or_folder, scene=None) -> list:
