@@ -244,6 +244,14 @@ def test_progress_text_and_settings():
         "backbone_2d": "resnet18", "weights_2d": "/w/r18.pth", "network_3d": "SegResNet"}
 
 
+def test_engine_warnings_are_worded_for_the_user():
+    from MNSegmentSlicerLib import progress
+
+    assert progress.describe_warning({"event": "warning", "message": "no unlabeled volumes: training labeled-only"}
+                                     ) == "Warning: no unlabeled volumes: training labeled-only"
+    assert progress.describe_warning({"event": "progress", "step": 1}) is None
+
+
 def test_engine_settings_map_friendly_names():
     from MNSegmentSlicerLib.logic import device_argument, engine_settings
 
