@@ -6,6 +6,7 @@ a QTimer polls its events, so the UI never blocks.
 """
 
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Annotated
@@ -14,11 +15,13 @@ import numpy as np
 import qt
 import slicer
 from MNSegmentSlicerLib import job as jobs
-from MNSegmentSlicerLib import progress
+from MNSegmentSlicerLib import progress, selection
 from MNSegmentSlicerLib.logic import NETWORKS, PRESETS, gpu_info
 from MNSegmentSlicerLib.logic import MNSegmentLogic as SceneLogic
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -36,21 +39,21 @@ POLL_INTERVAL_MS = 250
 class MNSegment(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "MNSegment"
-        self.parent.categories = ["Segmentation"]
+        self.parent.title = _("MNSegment")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
         self.parent.contributors = ["MNSegment contributors"]
-        self.parent.helpText = """
+        self.parent.helpText = _("""
 Segment many volumes from a few labeled ones. Label a few volumes with the Segment Editor, pair them here with
 their volumes, check the unlabeled volumes, and press Train: a 2D network pretrained on natural images and a 3D
 network teach each other on the unlabeled volumes (M&N co-training), in a background process. When training ends,
 every unlabeled volume gets a segmentation. Segment applies a trained model to other volumes.
-See <a href="https://github.com/mnsegment/MNSegment">the documentation</a>.
-"""
-        self.parent.acknowledgementText = """
+See <a href="https://github.com/MNSegment/SlicerMNSegment#readme">the documentation</a>.
+""")
+        self.parent.acknowledgementText = _("""
 Implements the method of "Semi-Supervised 3D Medical Segmentation from 2D Natural Images Pretrained Model"
 (Yeung, Ramesh, Lyu, Namburete, Rajapakse; MLMI 2025). Uses PyTorch, MONAI, timm and PEFT.
-"""
+""")
 
 
 #
@@ -62,15 +65,17 @@ class MNSegmentParameterNode:
     device: Annotated[str, Choice(["auto", "gpu", "cpu"])] = "auto"
     backbone2d: str = ""
     network3d: str = ""
-    steps: int = 0
-    batchSize: int = 0
+    # Ranges as in the .ui: parameterNodeWrapper would otherwise set ±2^31 on the spin boxes. 0: the preset's.
+    steps: Annotated[int, WithinRange(0, 1_000_000)] = 0
+    batchSize: Annotated[int, WithinRange(0, 64)] = 0
     patchSize: str = ""
     lrgMode: Annotated[str, Choice(list(progress.LRG_MODES))] = "preset"
     network: Annotated[str, Choice(list(NETWORKS))] = "3d"
     outputFolder: str = ""
     modelFolder: str = ""
     weights2d: str = ""
-    # Lists have no GUI connector: the widget syncs them by hand.
+    # Lists have no GUI connector: the widget syncs them by hand. A removed node reads back as None and rows
+    # may be half filled (None segmentation): read them through MNSegmentSlicerLib.selection.
     labeledVolumes: list[vtkMRMLScalarVolumeNode]
     labeledSegmentations: list[vtkMRMLSegmentationNode]
     uncheckedVolumes: list[vtkMRMLScalarVolumeNode]
@@ -102,7 +107,8 @@ class MNSegmentLogic(ScriptedLoadableModuleLogic, SceneLogic):
             timer.setInterval(POLL_INTERVAL_MS)
 
             def tick():
-                if job.poll() not in (jobs.PENDING, jobs.RUNNING):
+                job.poll()
+                if not job.running:
                     timer.stop()
                     self._pollTimers.pop(id(job), None)
 
@@ -110,6 +116,11 @@ class MNSegmentLogic(ScriptedLoadableModuleLogic, SceneLogic):
             self._pollTimers[id(job)] = timer
             timer.start()
         return job
+
+    def stopTimers(self) -> None:
+        for timer in self._pollTimers.values():
+            timer.stop()
+        self._pollTimers.clear()
 
     def getParameterNode(self):
         return MNSegmentParameterNode(super().getParameterNode())
@@ -134,6 +145,7 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._syncing = False
+        self._gpus = None  # filled by a thread: nvidia-smi may take seconds, never on the GUI thread
 
     # ---------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -151,11 +163,17 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.listTimer.setSingleShot(True)
         self.listTimer.setInterval(300)
         self.listTimer.timeout.connect(self.refreshUnlabeledList)
+        self.gpuTimer = qt.QTimer()
+        self.gpuTimer.setInterval(200)
+        self.gpuTimer.timeout.connect(self.showGpuInfo)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onSceneNodesChanged)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onSceneNodesChanged)
+        # A loaded scene (.mrb) or a batch of changes sends no per-node events worth listening to: re-read all.
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneReloaded)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndBatchProcessEvent, self.onSceneReloaded)
         slicer.app.connect("aboutToQuit()", self.onAboutToQuit)
 
         self.ui.labeledTable.horizontalHeader().setSectionResizeMode(qt.QHeaderView.Stretch)
@@ -172,19 +190,23 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelPathLineEdit.currentPathChanged.connect(lambda path: self._setParameter("modelFolder", path))
         self.ui.weights2dPathLineEdit.currentPathChanged.connect(lambda path: self._setParameter("weights2d", path))
 
-        self.showGpuInfo()
+        self.startGpuQuery()
         self.initializeParameterNode()
         self.updateButtons()
 
     def cleanup(self) -> None:
-        """Called when the application closes and the module widget is destroyed."""
+        """Called when the module widget is destroyed (application exit, module reload)."""
         self.cancelJobs()
-        self.pollTimer.stop()
+        for timer in (self.pollTimer, self.listTimer, self.gpuTimer):
+            timer.stop()
+        if self.logic is not None:
+            self.logic.stopTimers()
+        slicer.app.disconnect("aboutToQuit()", self.onAboutToQuit)
+        self.exit()
         self.removeObservers()
 
     def enter(self) -> None:
         self.initializeParameterNode()
-        self.refreshUnlabeledList()
 
     def exit(self) -> None:
         if self._parameterNode and self._parameterNodeGuiTag is not None:
@@ -203,15 +225,19 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
 
     def onAboutToQuit(self) -> None:
-        self.cancelJobs()
+        self.cancelJobs(wait=True)  # the workers save their checkpoints before Slicer goes
 
     def onSceneNodesChanged(self, caller, event) -> None:
         if not slicer.mrmlScene.IsClosing() and not slicer.mrmlScene.IsBatchProcessing():
             self.listTimer.start()
 
-    def cancelJobs(self) -> None:
+    def onSceneReloaded(self, caller, event) -> None:
+        if self.parent.isEntered and not slicer.mrmlScene.IsClosing():
+            self.initializeParameterNode()  # a loaded scene may bring its own parameter node and lists
+
+    def cancelJobs(self, wait: bool = False) -> None:
         if self.logic is not None:
-            self.logic.cancel_all()
+            self.logic.cancel_all(wait=wait)
 
     # ------------------------------------------------------------------------------- parameter node
     def initializeParameterNode(self) -> None:
@@ -230,8 +256,8 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.modelPathLineEdit.currentPath = self._parameterNode.modelFolder
                 self.ui.weights2dPathLineEdit.currentPath = self._parameterNode.weights2d
                 self.ui.labeledTable.setRowCount(0)
-                for volume, segmentation in zip(self._parameterNode.labeledVolumes,
-                                                self._parameterNode.labeledSegmentations, strict=False):
+                for volume, segmentation in selection.stored_rows(self._parameterNode.labeledVolumes,
+                                                                  self._parameterNode.labeledSegmentations):
                     self.addLabeledRow(volume, segmentation)
             finally:
                 self._syncing = False
@@ -243,6 +269,7 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -------------------------------------------------------------------------------- labeled table
     def addLabeledRow(self, volume=None, segmentation=None) -> None:
+        """A table row: a volume and its segmentation, each picked in a node combo box."""
         table = self.ui.labeledTable
         row = table.rowCount
         table.insertRow(row)
@@ -271,27 +298,24 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.onLabeledChanged()
 
     def onPairSegmentations(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Could not pair the segmentations.", waitCursor=True):
-            present = {seg.GetID() for _vol, seg in self.labeledPairs(complete=False) if seg is not None}
+        with slicer.util.tryWithErrorDisplay(_("Could not pair the segmentations."), waitCursor=True):
+            present = selection.node_ids(seg for _vol, seg in self.labeledPairs(complete=False))
             for volume, segmentation in self.logic.pair_segmentations():
                 if segmentation.GetID() not in present:
                     self.addLabeledRow(volume, segmentation)
 
     def labeledPairs(self, complete=True) -> list:
-        pairs = []
+        """The table's rows; with ``complete`` only those with both a volume and a segmentation."""
         table = self.ui.labeledTable
-        for row in range(table.rowCount):
-            volume = table.cellWidget(row, 0).currentNode()
-            segmentation = table.cellWidget(row, 1).currentNode()
-            if not complete or (volume is not None and segmentation is not None):
-                pairs.append((volume, segmentation))
-        return pairs
+        rows = [(table.cellWidget(row, 0).currentNode(), table.cellWidget(row, 1).currentNode())
+                for row in range(table.rowCount)]
+        return selection.complete_pairs(rows) if complete else rows
 
     def onLabeledChanged(self) -> None:
         if self._parameterNode and not self._syncing:
-            pairs = self.labeledPairs()
-            self._parameterNode.labeledVolumes = [v for v, _s in pairs]
-            self._parameterNode.labeledSegmentations = [s for _v, s in pairs]
+            rows = self.labeledPairs(complete=False)  # half-filled rows too: they survive leaving the module
+            self._parameterNode.labeledVolumes = [v for v, _s in rows]
+            self._parameterNode.labeledSegmentations = [s for _v, s in rows]
         self.refreshUnlabeledList()
         self.updateButtons()
 
@@ -299,7 +323,7 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def refreshUnlabeledList(self) -> None:
         if self.logic is None or slicer.mrmlScene.IsClosing():
             return
-        unchecked = {n.GetID() for n in (self._parameterNode.uncheckedVolumes if self._parameterNode else [])}
+        unchecked = selection.node_ids(self._parameterNode.uncheckedVolumes if self._parameterNode else [])
         widget = self.ui.unlabeledList
         self._syncing = True
         try:
@@ -343,25 +367,37 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return volumes
 
     # -------------------------------------------------------------------------------------- actions
+    def startGpuQuery(self) -> None:
+        self.ui.gpuLabel.text = _("Looking for GPUs...")
+
+        def query():
+            self._gpus = gpu_info()
+
+        threading.Thread(target=query, name="MNSegment GPU query", daemon=True).start()
+        self.gpuTimer.start()
+
     def showGpuInfo(self) -> None:
-        gpus = gpu_info()
+        gpus = self._gpus
+        if gpus is None:
+            return
+        self.gpuTimer.stop()
         if gpus:
             self.ui.gpuLabel.text = "; ".join(f"GPU {g['index']}: {g['name']}, {g['memory_gb']:.0f} GB" for g in gpus)
         else:
-            self.ui.gpuLabel.text = "No NVIDIA GPU found: training runs on the CPU (slow)."
+            self.ui.gpuLabel.text = _("No NVIDIA GPU found: training runs on the CPU (slow).")
 
     def _callbacks(self) -> dict:
-        return {"on_progress": self.onJobProgress, "on_log": self.onJobLog, "on_phase": self.onJobPhase}
+        return {"on_progress": self.onJobProgress, "on_log": self.onJobLog, "on_phase": self.onJobPhase,
+                "on_event": self.onJobEvent}
 
     def onTrainOrCancel(self) -> None:
         if self.job is not None and self.job.running:
-            with slicer.util.tryWithErrorDisplay("Could not cancel the training.", waitCursor=True):
-                self.ui.statusLabel.text = "Cancelling (saving a checkpoint)..."
-                slicer.app.processEvents()
-                self.job.cancel()
-            self.onPollJob()
+            with slicer.util.tryWithErrorDisplay(_("Could not cancel the training.")):
+                self.job.cancel()  # returns at once; the poll timer sees the job end
+                self.ui.statusLabel.text = _("Cancelling (saving a checkpoint)...")
+            self.updateButtons()
             return
-        with slicer.util.tryWithErrorDisplay("Training could not start.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Training could not start."), waitCursor=True):
             p = self._parameterNode
             self.ui.logTextEdit.clear()
             job = self.logic.train(
@@ -369,34 +405,34 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 device=p.device, network=p.network, wait=False,
                 **self._callbacks(), **self.logic.overridesFromParameterNode(p),
             )
-            self.startMonitoring(job, "Training")
+            self.startMonitoring(job, _("Training"))
 
     def onResume(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Training could not be resumed.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Training could not be resumed."), waitCursor=True):
             folder = self._parameterNode.outputFolder
             if not folder:
-                raise ValueError("Choose the output folder of the interrupted training.")
+                raise ValueError(_("Choose the output folder of the interrupted training."))
             self.ui.logTextEdit.clear()
-            self.startMonitoring(self.logic.resume(folder, wait=False, **self._callbacks()), "Resuming")
+            self.startMonitoring(self.logic.resume(folder, wait=False, **self._callbacks()), _("Resuming"))
 
     def onSegment(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Segmentation failed.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), waitCursor=True):
             p = self._parameterNode
             if not p.modelFolder:
-                raise ValueError("Choose the folder of a trained model.")
+                raise ValueError(_("Choose the folder of a trained model."))
             self.ui.logTextEdit.clear()
             job = self.logic.segment(self.checkedVolumes(), p.modelFolder, wait=False, network=p.network,
-                                     device=p.device, on_log=self.onJobLog)
-            self.startMonitoring(job, "Segmenting")
+                                     device=p.device, on_log=self.onJobLog, on_event=self.onJobEvent)
+            self.startMonitoring(job, _("Segmenting"), training=False)
 
     # ----------------------------------------------------------------------------------- monitoring
-    def startMonitoring(self, job, what: str) -> None:
+    def startMonitoring(self, job, what: str, training: bool = True) -> None:
         self.job = job
-        if job.folder is not None and what != "Segmenting":
+        if job.folder is not None and training:
             self._parameterNode.outputFolder = str(job.folder)  # so that Resume continues this job
             self.ui.outputPathLineEdit.currentPath = str(job.folder)
         self.ui.progressBar.setRange(0, 0)
-        self.ui.statusLabel.text = f"{what}: starting the engine..."
+        self.ui.statusLabel.text = _("{what}: starting...").format(what=what)
         self.ui.metricsLabel.text = ""
         self.pollTimer.start()
         self.onPollJob()
@@ -410,17 +446,29 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             job.poll()
         except Exception as error:  # keep the timer from raising forever
             logging.exception("MNSegment: error while reading the engine's output")
-            job.cancel()
             job.error = str(error)
+            job.cancel()
         if not job.running:
             self.pollTimer.stop()
             self.onJobEnded(job)
         self.updateButtons()
 
     def onJobPhase(self, job, name) -> None:
-        if name == "predict":
+        if name == "export":
             self.ui.progressBar.setRange(0, 0)
-            self.ui.statusLabel.text = "Segmenting the unlabeled volumes..."
+            self.ui.statusLabel.text = _("Writing the volumes for the engine...")
+        elif name == "train":
+            self.ui.statusLabel.text = _("Starting the engine...")
+        elif name == "predict":
+            self.ui.progressBar.setRange(0, 0)
+            self.ui.statusLabel.text = _("Segmenting the unlabeled volumes...")
+
+    def onJobEvent(self, job, event) -> None:
+        """Warnings of the engine (e.g. training labeled-only, no learning-curve picture) reach the user."""
+        text = progress.describe_warning(event)
+        if text:
+            self.ui.logTextEdit.appendPlainText(text)
+            self.ui.metricsLabel.text = text
 
     def onJobProgress(self, job, event) -> None:
         status, metrics, step, total = progress.describe_progress(event)
@@ -438,27 +486,29 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job.status == jobs.DONE:
             nodes = job.result or []
             self.ui.progressBar.setValue(1)
-            self.ui.statusLabel.text = f"Done: {len(nodes)} segmentation(s) added. Model: {job.folder}"
+            self.ui.statusLabel.text = _("Done: {count} segmentation(s) added. Model: {folder}").format(
+                count=len(nodes), folder=job.folder)
             if nodes:
                 volume = nodes[0].GetNodeReference(nodes[0].GetReferenceImageGeometryReferenceRole())
                 slicer.util.setSliceViewerLayers(background=volume, fit=True)
-            if job.phases[0].name == "train":
+            if any(phase.name == "train" for phase in job.phases):
                 self._parameterNode.modelFolder = str(job.folder)
                 self.ui.modelPathLineEdit.currentPath = str(job.folder)
                 self._parameterNode.outputFolder = ""  # the next Train starts a new job folder
                 self.ui.outputPathLineEdit.currentPath = ""
         elif job.status == jobs.CANCELLED:
             self.ui.progressBar.setValue(0)
-            self.ui.statusLabel.text = "Cancelled. Resume continues from the last checkpoint."
+            self.ui.statusLabel.text = _("Cancelled. Resume continues from the last checkpoint.")
         else:
             self.ui.progressBar.setValue(0)
-            self.ui.statusLabel.text = "Failed (see the log below)."
-            slicer.util.errorDisplay(job.error or "The engine failed.", windowTitle="MNSegment")
+            self.ui.statusLabel.text = _("Failed (see the log below).")
+            slicer.util.errorDisplay(job.error or _("The engine failed."), windowTitle="MNSegment")
 
     def updateButtons(self) -> None:
         running = self.job is not None and self.job.running
-        self.ui.trainButton.text = "Cancel" if running else "Train"
-        self.ui.trainButton.enabled = running or bool(self.labeledPairs())
+        cancelling = running and self.job.status == jobs.CANCELLING
+        self.ui.trainButton.text = _("Cancelling...") if cancelling else _("Cancel") if running else _("Train")
+        self.ui.trainButton.enabled = (running and not cancelling) or (not running and bool(self.labeledPairs()))
         self.ui.resumeButton.enabled = not running
         self.ui.segmentButton.enabled = not running and bool(self.checkedVolumes())
         for widget in (self.ui.labeledCollapsibleButton, self.ui.unlabeledCollapsibleButton,
@@ -475,7 +525,38 @@ class MNSegmentTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         self.setUp()
+        self.test_MNSegment_widget_survives_deleted_nodes()
+        self.setUp()
         self.test_MNSegment_train_quick_cpu()
+
+    def test_MNSegment_widget_survives_deleted_nodes(self):
+        """The widget itself (Qt: only here): spin-box ranges, deleted nodes, half-filled rows, scene import."""
+        slicer.util.selectModule("MNSegment")
+        widget = slicer.modules.mnsegment.widgetRepresentation().self()
+        self.assertEqual(widget.ui.stepsSpinBox.maximum, 1_000_000)
+        self.assertEqual(widget.ui.batchSizeSpinBox.maximum, 64)
+        rng = np.random.default_rng(3)
+        volumes = [slicer.util.addVolumeFromArray(self._case(rng)[0], name=f"v{i}") for i in range(3)]
+        vector = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "rgb")
+        slicer.util.updateVolumeFromArray(vector, np.zeros((4, 4, 4, 3), np.uint8))
+        widget.addLabeledRow(volumes[0], None)  # half filled: no segmentation drawn yet
+        widget.refreshUnlabeledList()
+        offered = [widget.ui.unlabeledList.item(i).text() for i in range(widget.ui.unlabeledList.count)]
+        self.assertEqual(offered, ["v1", "v2"])  # not the labeled one, not the vector volume
+        widget.setAllChecked(False)
+        slicer.mrmlScene.RemoveNode(volumes[1])  # leaves None in the parameter node's lists
+        slicer.util.selectModule("Data")
+        slicer.util.selectModule("MNSegment")  # enter() reads those lists
+        self.assertEqual(widget.labeledPairs(complete=False), [(volumes[0], None)])
+        self.assertEqual([widget.ui.unlabeledList.item(i).text() for i in range(widget.ui.unlabeledList.count)],
+                         ["v2"])
+        slicer.mrmlScene.StartState(slicer.mrmlScene.BatchProcessState)
+        added = slicer.util.addVolumeFromArray(self._case(rng)[0], name="v3")
+        slicer.mrmlScene.EndState(slicer.mrmlScene.BatchProcessState)
+        self.assertIn(added.GetName(), [widget.ui.unlabeledList.item(i).text()
+                                        for i in range(widget.ui.unlabeledList.count)])
+        widget.ui.labeledTable.setRowCount(0)
+        widget.onLabeledChanged()
 
     @staticmethod
     def _case(rng, shape=(32, 40, 40)):

@@ -1,7 +1,11 @@
 """The ``mnsegment`` command: train, resume, predict, evaluate, demo.
 
-Exit codes: 0 done; 2 bad input (one message, no traceback); 3 cancelled by SIGTERM/SIGINT (after saving a
-checkpoint); 1 anything else. With ``--events`` stdout carries only JSON events, one per line.
+Exit codes: 0 done; 2 bad input (one message, no traceback); 3 cancelled (after saving a checkpoint); 1 anything
+else. With ``--events`` stdout carries only JSON events, one per line.
+
+A stop request is SIGTERM or SIGINT, SIGBREAK on Windows (Ctrl+Break, what a console process group receives),
+or the file named by the environment variable ``MNSEGMENT_STOP_FILE`` appearing: that one needs no console and
+no signal, so it also reaches a worker behind a launcher that does not forward signals (Slicer on Windows).
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from .errors import Cancelled, InputError
 from .events import Events
 
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGBREAK")  # those this platform has are handled
+STOP_FILE_VARIABLE = "MNSEGMENT_STOP_FILE"
+STOP_FILE_POLL_S = 0.5
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,8 +82,24 @@ def _install_signal_handlers(stop: threading.Event) -> None:
                                                signal.Signals(signum).name)
         stop.set()
 
-    signal.signal(signal.SIGTERM, handle)
-    signal.signal(signal.SIGINT, handle)
+    for name in STOP_SIGNALS:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), handle)
+
+
+def _watch_stop_file(stop: threading.Event) -> None:
+    """Sets ``stop`` once the file named by ``MNSEGMENT_STOP_FILE`` exists (polled by a daemon thread)."""
+    path = os.environ.get(STOP_FILE_VARIABLE)
+    if not path:
+        return
+
+    def watch() -> None:
+        while not stop.wait(STOP_FILE_POLL_S):
+            if os.path.exists(path):
+                logging.getLogger("mnsegment").warning("stop requested: saving a checkpoint and stopping")
+                stop.set()
+
+    threading.Thread(target=watch, name="mnsegment-stop-file", daemon=True).start()
 
 
 def _print_metrics(result: dict) -> None:
@@ -133,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS; set before CUDA starts
     stop = threading.Event()
     _install_signal_handlers(stop)
+    _watch_stop_file(stop)
     try:
         return run(args, events, stop)
     except InputError as err:

@@ -26,10 +26,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter
+
+try:  # optional: only pictures need it (pip install "mnsegment[plots]")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
+except ImportError as error:
+    raise ImportError(f"matplotlib is needed to draw pictures: pip install matplotlib ({error})") from error
 
 __all__ = ["plot_learning_curves", "plot_overlay"]
 

@@ -97,15 +97,23 @@ def _run(run_dir: Path, config: dict, plan: Plan, device: torch.device, events: 
     datalist = load_datalist(run_dir / "datalist.json", check_files=False)
     trainer = Trainer(run_dir, config, plan, datalist, device, events, stop)
     trainer.run()
-    _write_curves(run_dir, trainer.history)
+    _write_curves(run_dir, trainer.history, events)
     events.emit("done", model_dir=str(run_dir))
     return run_dir
 
 
-def _write_curves(run_dir: Path, history: list[dict]) -> None:
-    from .plots import plot_learning_curves
+def _write_curves(run_dir: Path, history: list[dict], events: Events) -> None:
+    """curves.png is a picture of a finished training: failing to draw it (matplotlib is optional and absent
+    from a stock 3D Slicer) costs the picture, never the model."""
+    try:
+        from .plots import plot_learning_curves
 
-    path = plot_learning_curves(history, run_dir / "curves.png", title=run_dir.name)
+        path = plot_learning_curves(history, run_dir / "curves.png", title=run_dir.name)
+    except Exception as error:
+        message = f"learning curves not drawn ({error})"
+        log.warning(message)
+        events.emit("warning", message=message)
+        return
     log.info("learning curves: %s", path)
 
 

@@ -141,8 +141,9 @@ def test_every_package_folder_with_python_has_its_cmake_and_is_added():
 def test_extension_metadata():
     values = _variables((REPO / "CMakeLists.txt").read_text(encoding="utf-8"))
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL",
-                "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
+                "EXTENSION_DEPENDS"):
         assert values.get(key), key
+    assert "EXTENSION_SCREENSHOTURLS" in values  # may be empty (README, "Packaging"), never a missing file
     assert values["EXTENSION_DEPENDS"] == ["PyTorch"]
     text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     for needle in ("find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})",
@@ -177,3 +178,34 @@ def test_ui_file_parses_and_names_parameters(ui):
     bound = [p.find("string").text for p in root.iter("property") if p.get("name") == "SlicerParameterName"]
     for parameter in bound:  # every widget bound to the parameter node names an existing parameter
         assert re.search(rf"^\s+{parameter}: ", module, flags=re.MULTILINE), parameter
+
+
+#: The rules of Slicer/ExtensionsIndex scripts/check_description_files.py that can be checked offline.
+SCHEMA_V1_0_1_KEYS = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
+                      "build_subdirectory", "enabled", "tier"}
+
+
+def test_extensions_index_checks():
+    import urllib.parse
+
+    entry_path = REPO / "MNSegment.json"
+    entry = json.loads(entry_path.read_text(encoding="utf-8"))
+    assert b"\r" not in entry_path.read_bytes()  # LF only
+    assert set(entry) <= SCHEMA_V1_0_1_KEYS and {"$schema", "category", "scm_url"} <= set(entry)
+    assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.1.json#")
+    assert entry["category"] == "Segmentation" and 1 <= entry["tier"] <= 5
+    # The extension name (the .json's name) is the CMake project and does not start with "Slicer"; the
+    # repository's name does.
+    cmake = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert re.findall(r"project\s*\(\s*([^\s\)]+)", cmake, re.IGNORECASE)[0] == entry_path.stem == "MNSegment"
+    url = urllib.parse.urlsplit(entry["scm_url"])
+    owner, repository = url.path.strip("/").removesuffix(".git").split("/")
+    assert url.scheme == "https" and url.netloc == "github.com" and repository.startswith("Slicer")
+    # Icon and screenshot URLs: raw files of that repository at its revision that exist here (no 404).
+    values = _variables(cmake)
+    prefix = f"https://raw.githubusercontent.com/{owner}/{repository}/{entry['scm_revision']}/"
+    for url in [u for u in values["EXTENSION_ICONURL"] + values["EXTENSION_SCREENSHOTURLS"] if u]:
+        assert url.startswith(prefix), url
+        path = REPO / url.removeprefix(prefix)
+        assert path.is_file() and path.suffix.lower() in (".png", ".jpg", ".jpeg", ".gif"), url
+    assert values["EXTENSION_HOMEPAGE"][0].startswith(f"https://github.com/{owner}/{repository}")

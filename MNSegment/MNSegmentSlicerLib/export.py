@@ -1,6 +1,9 @@
 """Scene ⇄ files: export volumes and segmentations for the engine, load its label maps back as segmentations.
 
-Uses MRML only (works with ``slicer-core``; no Qt). Label values are assigned **by segment name**, in
+Uses MRML only (works with ``slicer-core``; no Qt). Export is split in two so that the GUI never waits on
+compression and disk: :func:`snapshot_volume` / :func:`snapshot_labelmap` read the scene (main thread only:
+MRML is not thread-safe) into plain arrays, :func:`write_snapshot` writes one with SimpleITK, which releases
+the GIL while it compresses and writes, on any thread. Label values are assigned **by segment name**, in
 first-seen order: the labeled cases are scanned in the order given, each segmentation's segments in their
 order in the segmentation; the first new name gets value 1, the next 2, and so on. Names are matched ignoring
 case and surrounding blanks, so "Liver" in one case and "liver " in another are the same class.
@@ -9,8 +12,10 @@ case and surrounding blanks, so "Liver" in one case and "liver " in another are 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import slicer
 
 # Colours for classes that have none (e.g. a model trained outside Slicer).
@@ -93,18 +98,23 @@ def _color_table(scene, classes: list[dict], names: dict[int, str] | None = None
 # --------------------------------------------------------------------------------------------------
 # Export
 # --------------------------------------------------------------------------------------------------
-def _write_node(node, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    storage = node.CreateDefaultStorageNode()
-    storage.SetFileName(str(path))
-    storage.SetUseCompression(True)
-    if not storage.WriteData(node):
-        raise OSError(f"Could not write {node.GetName()} to {path}")
+#: Subclasses of vtkMRMLScalarVolumeNode that are not one scalar per voxel (or are labels): never offered.
+NOT_SCALAR_3D = ("vtkMRMLLabelMapVolumeNode", "vtkMRMLVectorVolumeNode", "vtkMRMLDiffusionImageVolumeNode",
+                 "vtkMRMLDiffusionWeightedVolumeNode", "vtkMRMLDiffusionTensorVolumeNode")
+
+
+def is_scalar_3d_volume(node) -> bool:
+    """A plain scalar volume (one component per voxel): what the engine can train on."""
+    if node is None or not node.IsA("vtkMRMLScalarVolumeNode") or any(node.IsA(c) for c in NOT_SCALAR_3D):
+        return False
+    image = node.GetImageData()
+    return image is None or image.GetNumberOfScalarComponents() == 1
 
 
 def check_volume(volume) -> None:
-    if volume is None or not volume.IsA("vtkMRMLScalarVolumeNode") or volume.IsA("vtkMRMLLabelMapVolumeNode"):
-        raise ValueError(f"{getattr(volume, 'GetName', lambda: volume)()} is not a scalar volume")
+    if not is_scalar_3d_volume(volume):
+        name = volume.GetName() if volume is not None else "A volume"
+        raise ValueError(f"{name} is not a scalar volume (vector, diffusion and label map volumes cannot be used)")
     if volume.GetImageData() is None:
         raise ValueError(f"Volume {volume.GetName()} has no image data")
     if volume.GetParentTransformNode() is not None:
@@ -114,17 +124,62 @@ def check_volume(volume) -> None:
         )
 
 
+@dataclass
+class Snapshot:
+    """Voxels and geometry of a volume, copied out of the scene."""
+
+    array: np.ndarray  #: (k, j, i), as ``slicer.util.arrayFromVolume``
+    ijk_to_ras: np.ndarray  #: 4×4
+
+
+def _ijk_to_ras(volume) -> np.ndarray:
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix).copy()
+
+
+def snapshot_volume(volume) -> Snapshot:
+    """Main thread: a copy of a scalar volume's voxels and geometry."""
+    check_volume(volume)
+    return Snapshot(np.array(slicer.util.arrayFromVolume(volume), copy=True), _ijk_to_ras(volume))
+
+
+def write_snapshot(snapshot: Snapshot, path: Path) -> Path:
+    """Any thread: write a snapshot as a compressed NRRD (LPS, like Slicer's own NRRD writer)."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = snapshot.ijk_to_ras[:3, :3]
+    spacing = np.linalg.norm(columns, axis=0)
+    ras_to_lps = np.diag([-1.0, -1.0, 1.0])
+    image = sitk.GetImageFromArray(snapshot.array)
+    image.SetSpacing([float(v) for v in spacing])
+    image.SetDirection([float(v) for v in (ras_to_lps @ (columns / spacing)).ravel()])
+    image.SetOrigin([float(v) for v in ras_to_lps @ snapshot.ijk_to_ras[:3, 3]])
+    sitk.WriteImage(image, str(path), useCompression=True)
+    return path
+
+
 def export_volume(volume, path: Path) -> Path:
     """Write a scalar volume (NRRD, its own grid)."""
-    check_volume(volume)
-    _write_node(volume, Path(path))
-    return Path(path)
+    return write_snapshot(snapshot_volume(volume), path)
 
 
 def export_labelmap(segmentation_node, volume, classes: list[dict], path: Path) -> dict:
     """Write ``segmentation_node`` as a label map on ``volume``'s grid with the classes' values.
 
     Returns ``{name: voxel count}`` of the segments exported (names as in this segmentation)."""
+    snapshot, counts = snapshot_labelmap(segmentation_node, volume, classes)
+    write_snapshot(snapshot, path)
+    return counts
+
+
+def snapshot_labelmap(segmentation_node, volume, classes: list[dict]) -> tuple[Snapshot, dict]:
+    """Main thread: ``segmentation_node`` as a label map on ``volume``'s grid with the classes' values, and
+    ``{name: voxel count}`` of the segments exported (names as in this segmentation)."""
     scene = volume.GetScene()
     by_key = {class_key(c["name"]): c for c in classes}
     segment_ids, names = [], {}
@@ -145,20 +200,18 @@ def export_labelmap(segmentation_node, volume, classes: list[dict], path: Path) 
         )
         if not ok:
             raise ValueError(f"Could not export {segmentation_node.GetName()} on the grid of {volume.GetName()}")
-        import numpy as np
-
-        array = slicer.util.arrayFromVolume(labelmap)
+        array = np.array(slicer.util.arrayFromVolume(labelmap), copy=True)
         counts = {names[v]: int((array == v).sum()) for v in names}
         if not np.any(array):
             raise ValueError(
                 f"Segmentation {segmentation_node.GetName()} is empty on the grid of {volume.GetName()} "
                 "(does it belong to this volume?)"
             )
-        _write_node(labelmap, Path(path))
+        snapshot = Snapshot(array, _ijk_to_ras(volume))
     finally:
         scene.RemoveNode(labelmap)
         scene.RemoveNode(table)
-    return counts
+    return snapshot, counts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,6 +283,10 @@ def load_labelmap_as_segmentation(path: Path, volume, classes: list[dict], name:
         for c in sorted(classes, key=lambda c: c["value"]):
             if class_key(c["name"]) not in existing:
                 segmentation_data.AddEmptySegment("", c["name"], c["color"][:3])
+        order = {class_key(c["name"]): c["value"] for c in classes + extra}
+        by_value = sorted(segments_of(segmentation), key=lambda s: order.get(class_key(s[1]), len(order) + 1))
+        for index, (segment_id, _name, _color) in enumerate(by_value):
+            segmentation_data.SetSegmentIndex(segment_id, index)
         place_in_hierarchy(segmentation, volume)
         return segmentation
     finally:

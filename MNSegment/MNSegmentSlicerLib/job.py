@@ -1,9 +1,15 @@
 """Background engine jobs: launch ``mnsegment`` in a child process, read its events, cancel it.
 
-Qt-free and MRML-free. A :class:`EngineJob` runs one or more *phases* (e.g. ``train`` then ``predict``), each a
-command line of the engine. Two reader threads per phase (stdout, stderr) put lines on a queue; nothing else
-happens on those threads. :meth:`EngineJob.poll` drains the queue and calls the callbacks, so callbacks run on
-the thread that calls ``poll()`` (the GUI thread via a QTimer in Slicer, or :meth:`EngineJob.wait`).
+Qt-free and MRML-free. A :class:`EngineJob` runs one or more *phases* (e.g. ``export``, ``train``, ``predict``):
+a command line of the engine, or a Python function run on a worker thread (writing the exported files). Two
+reader threads per process (stdout, stderr) put lines on a queue; nothing else happens on those threads.
+:meth:`EngineJob.poll` drains the queue and calls the callbacks, so callbacks run on the thread that calls
+``poll()`` (the GUI thread via a QTimer in Slicer, or :meth:`EngineJob.wait`). Nothing here blocks that thread:
+:meth:`EngineJob.cancel` only asks, the job reports ``cancelling`` and later polls finish it.
+
+Stopping the worker politely: the job creates the file named by ``MNSEGMENT_STOP_FILE`` in the worker's
+environment (works everywhere, also behind ``PythonSlicer`` and without a console), and also sends SIGTERM
+(POSIX) or CTRL_BREAK_EVENT (Windows; reaches the worker only when this process shares its console).
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ import queue
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -32,12 +40,15 @@ EXIT_CANCELLED = 3
 # Job states.
 PENDING = "pending"
 RUNNING = "running"
+CANCELLING = "cancelling"
 DONE = "done"
 FAILED = "failed"
 CANCELLED = "cancelled"
 
 LOG_LINES_KEPT = 200
 CANCEL_GRACE_S = 10.0
+KILL_WAIT_S = 5.0  # after killing, how long to wait for the pipes to close before calling the job cancelled
+STOP_FILE_VARIABLE = "MNSEGMENT_STOP_FILE"  # MNSegmentLib.cli.STOP_FILE_VARIABLE (not imported: no torch here)
 
 _ENGINE_PACKAGE = "MNSegmentLib"
 _WINDOWS = sys.platform.startswith("win")
@@ -104,9 +115,9 @@ def python_executable() -> list[str]:
     return [sys.executable]
 
 
-def engine_command(*args: str) -> list[str]:
-    """Full command line running ``mnsegment <args>`` with the right Python."""
-    return [*python_executable(), "-m", f"{_ENGINE_PACKAGE}.cli", *[str(a) for a in args]]
+def engine_command(*args: str, python: list[str] | None = None) -> list[str]:
+    """Full command line running ``mnsegment <args>`` with ``python`` (default: :func:`python_executable`)."""
+    return [*(python or python_executable()), "-m", f"{_ENGINE_PACKAGE}.cli", *[str(a) for a in args]]
 
 
 def worker_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -139,7 +150,7 @@ def _tree(pid: int) -> list:
     return [*list(reversed(children)), root]
 
 
-def kill_tree(pid: int, extra: list | None = None) -> None:
+def kill_tree(pid: int, extra: list | None = None, wait_s: float = 5.0) -> None:
     """Kill ``pid`` and every descendant, children first; ``extra`` are processes seen earlier."""
     import psutil
 
@@ -153,7 +164,7 @@ def kill_tree(pid: int, extra: list | None = None) -> None:
             pass
         except psutil.AccessDenied:
             pass
-    psutil.wait_procs(list(procs.values()), timeout=5)
+    psutil.wait_procs(list(procs.values()), timeout=wait_s)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,16 +177,18 @@ _RUNNING_JOBS: weakref.WeakSet = weakref.WeakSet()
 def _cancel_running_jobs() -> None:  # pragma: no cover - runs at interpreter exit
     for job in list(_RUNNING_JOBS):
         with contextlib.suppress(Exception):
-            job.cancel(grace_s=5.0)
+            job.cancel(grace_s=5.0, wait=True)
 
 
 class Phase:
-    """One engine invocation of a job."""
+    """One step of a job: an engine invocation (``args``), or ``run(stop)`` called on a worker thread (``stop``
+    is a :class:`threading.Event` set on cancel; an exception fails the job with its message)."""
 
-    def __init__(self, name: str, args: list[str], before: Callable[[], list[str] | None] | None = None,
-                 env: dict[str, str] | None = None):
+    def __init__(self, name: str, args: list[str] | None = None, before: Callable[[], list[str] | None] | None = None,
+                 env: dict[str, str] | None = None, run: Callable[[threading.Event], None] | None = None):
         self.name = name
-        self.args = list(args)
+        self.args = list(args or [])
+        self.run = run
         #: extra environment variables for this phase only
         self.env = dict(env or {})
         #: called right before the phase starts; may return replacement arguments (e.g. the images to predict)
@@ -186,7 +199,7 @@ class Phase:
 class EngineJob:
     """A running or finished engine job.
 
-    Attributes: ``status`` (pending/running/done/failed/cancelled), ``phase`` (name of the current phase),
+    Attributes: ``status`` (pending/running/cancelling/done/failed/cancelled), ``phase`` (name of the current phase),
     ``last_progress`` (last ``progress`` event), ``events`` (all events), ``log`` (last stderr lines),
     ``error`` (message for the user when failed), ``returncode``, ``folder`` and ``result`` (whatever the
     ``on_finished`` handler of the logic stored, e.g. segmentation nodes).
@@ -206,11 +219,17 @@ class EngineJob:
         on_phase=None,
         on_finished=None,
         command_prefix: list[str] | None = None,
+        python: list[str] | None = None,
     ):
         self.phases = list(phases)
         self.folder = Path(folder) if folder is not None else None
         self.env = env
+        #: replaces ``python -m MNSegmentLib.cli`` (tests: a stand-in worker)
         self.command_prefix = command_prefix
+        #: the Python that runs the engine (default: ``PythonSlicer`` inside Slicer, else this interpreter)
+        self.python = python
+        #: also send SIGTERM / CTRL_BREAK_EVENT on cancel (the stop file is always created)
+        self.signal_stop = True
         self.status = PENDING
         self.phase: str | None = None
         self.last_progress: dict | None = None
@@ -233,12 +252,19 @@ class EngineJob:
         self._phase_index = -1
         self._error_event: str | None = None
         self._cancel_requested = False
+        self._stop = threading.Event()  # set on cancel; seen by thread phases
+        self._stop_file = Path(tempfile.gettempdir()) / f"mnsegment-stop-{os.getpid()}-{uuid.uuid4().hex}"
+        self._cancel_deadline = 0.0
+        self._cancel_seen: list = []
+        self._killed = False
+        self._thread_phase = False
         self._launcher = False
 
     # ----------------------------------------------------------------------------------- life cycle
     @property
     def running(self) -> bool:
-        return self.status in (PENDING, RUNNING)
+        """Not ended yet (also while cancelling)."""
+        return self.status in (PENDING, RUNNING, CANCELLING)
 
     @property
     def pid(self) -> int | None:
@@ -262,6 +288,12 @@ class EngineJob:
             self._finish(DONE)
             return
         phase = self.phases[self._phase_index]
+        if phase.run is not None:
+            self.phase = phase.name
+            self._thread_phase = True
+            threading.Thread(target=self._run_thread_phase, args=(phase,), daemon=True).start()
+            self._queue.put(("phase", phase.name, None))
+            return
         if phase.before is not None:
             try:
                 replaced = phase.before()
@@ -275,15 +307,21 @@ class EngineJob:
             phase.args = replaced
         self.phase = phase.name
         self._error_event = None
-        prefix = self.command_prefix if self.command_prefix is not None else None
+        prefix = self.command_prefix
         try:
-            command = [*prefix, *phase.args] if prefix is not None else engine_command(*phase.args)
+            if prefix is not None:
+                command = [*prefix, *phase.args]
+            else:
+                command = engine_command(*phase.args, python=self.python)
             self._launcher = Path(command[0]).name.lower().startswith("pythonslicer")
             env = dict(self.env) if self.env is not None else worker_environment()
             env.update(phase.env)
+            env[STOP_FILE_VARIABLE] = str(self._stop_file)
             kwargs: dict = {}
             if _WINDOWS:
-                kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
+                # Its own process group (Ctrl+Break goes to it alone) and no console window, like
+                # slicer.util.launchConsoleProcess.
+                kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
             else:
                 kwargs["start_new_session"] = True
             self._proc = subprocess.Popen(
@@ -307,6 +345,15 @@ class EngineJob:
         for stream, kind in ((self._proc.stdout, "out"), (self._proc.stderr, "err")):
             threading.Thread(target=self._reader, args=(stream, kind, self._proc), daemon=True).start()
         self._queue.put(("phase", phase.name, self._proc))
+
+    def _run_thread_phase(self, phase: Phase) -> None:
+        """Worker thread of a Python phase: only runs it and reports the outcome on the queue."""
+        try:
+            phase.run(self._stop)
+        except Exception as error:
+            self._queue.put(("ran", str(error) or type(error).__name__, phase))
+        else:
+            self._queue.put(("ran", None, phase))
 
     def _reader(self, stream, kind: str, proc) -> None:
         """Reader thread: only puts raw lines on the queue."""
@@ -334,10 +381,27 @@ class EngineJob:
                 self._handle_log(payload)
             elif kind == "eof" and proc is self._proc:
                 self._open_streams -= 1
-        if self.status == RUNNING and self._proc is not None and self._open_streams <= 0:
-            returncode = self._proc.wait()
-            self._phase_ended(returncode)
+            elif kind == "ran":
+                self._thread_phase_ended(payload)
+        if self.status in (RUNNING, CANCELLING) and self._proc is not None and self._open_streams <= 0:
+            returncode = self._proc.poll()  # the pipes are closed: the process is ending
+            if returncode is not None:
+                self._phase_ended(returncode)
+        if self.status == CANCELLING:
+            self._escalate_cancel()
         return self.status
+
+    def _thread_phase_ended(self, error: str | None) -> None:
+        self._thread_phase = False
+        if self.status not in (RUNNING, CANCELLING):
+            return
+        if self._cancel_requested:
+            self._finish(CANCELLED)
+        elif error is not None:
+            self.error = error
+            self._finish(FAILED)
+        else:
+            self._start_next_phase()
 
     def _handle_stdout(self, line: str) -> None:
         text = line.strip()
@@ -376,6 +440,9 @@ class EngineJob:
         self.returncode = returncode
         self._proc = None
         if self._cancel_requested or returncode == EXIT_CANCELLED:
+            for process in self._cancel_seen:  # e.g. a worker its launcher left behind
+                with contextlib.suppress(Exception):
+                    process.kill()
             self._finish(CANCELLED)
             return
         if returncode == EXIT_OK:
@@ -398,6 +465,8 @@ class EngineJob:
     def _finish(self, status: str) -> None:
         self.status = status
         _RUNNING_JOBS.discard(self)
+        with contextlib.suppress(OSError):
+            self._stop_file.unlink(missing_ok=True)
         for handler in list(self._finished_handlers):
             try:
                 handler(self)
@@ -410,7 +479,7 @@ class EngineJob:
     def wait(self, timeout: float | None = None, interval: float = 0.1) -> str:
         """Block (polling) until the job ends or ``timeout`` seconds pass; returns the status."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() in (PENDING, RUNNING):
+        while self.poll() in (PENDING, RUNNING, CANCELLING):
             if deadline is not None and time.monotonic() > deadline:
                 break
             time.sleep(interval)
@@ -424,48 +493,49 @@ class EngineJob:
         return self
 
     # --------------------------------------------------------------------------------------- cancel
-    def cancel(self, grace_s: float = CANCEL_GRACE_S) -> None:
-        """Ask the engine to stop (SIGTERM: it saves a checkpoint and exits), then kill the whole process
-        tree if it is still there after ``grace_s`` seconds. Blocks at most about ``grace_s`` + 5 s."""
+    def cancel(self, grace_s: float = CANCEL_GRACE_S, wait: bool = False) -> None:
+        """Ask the job to stop and return at once: the status becomes ``cancelling``, then ``cancelled`` from a
+        later :meth:`poll` once the worker has saved its checkpoint and exited. A worker still there after
+        ``grace_s`` seconds is killed with its whole process tree. ``wait=True`` polls until the job ended."""
         if self.status == PENDING:
             self._cancel_requested = True
             self._finish(CANCELLED)
             return
-        if self.status != RUNNING:
-            return
-        self._cancel_requested = True
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            seen = _tree(proc.pid)
-            workers = self._terminate(proc)
-            deadline = time.monotonic() + grace_s
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=grace_s)
-            # Behind a launcher, the worker may still be saving its checkpoint after the launcher is gone.
-            import psutil
-
-            psutil.wait_procs(workers, timeout=max(0.0, deadline - time.monotonic()))
-            # Leftovers: the process, or a worker the launcher left behind, or the engine's own children.
-            kill_tree(proc.pid, seen)
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=5)
-        # Let the readers reach EOF, then finish as cancelled.
-        deadline = time.monotonic() + 5
-        while self.status == RUNNING and time.monotonic() < deadline:
-            self.poll()
-            if self.status == RUNNING:
-                time.sleep(0.05)
         if self.status == RUNNING:
+            self._cancel_requested = True
+            self._stop.set()
+            self.status = CANCELLING
+            self._cancel_deadline = time.monotonic() + grace_s
+            proc = self._proc
+            if proc is not None and proc.poll() is None:
+                self._cancel_seen = _tree(proc.pid)
+                self._terminate(proc)
+        if wait:
+            self.wait()
+
+    def _escalate_cancel(self) -> None:
+        """Called by :meth:`poll` while cancelling: kill what is left once the grace period is over."""
+        if time.monotonic() < self._cancel_deadline:
+            return
+        if not self._killed:
+            self._killed = True
+            self._cancel_deadline = time.monotonic() + KILL_WAIT_S
+            if self._proc is not None:
+                kill_tree(self._proc.pid, self._cancel_seen, wait_s=0.5)
+        elif not self._thread_phase:  # killed, yet the pipes never closed (a stray process holds them)
             self._proc = None
             self._finish(CANCELLED)
 
     def _terminate(self, proc: subprocess.Popen) -> list:
-        """Send the polite stop request to the worker: the process itself, or behind a launcher
-        (``PythonSlicer``) the Python it started, so the launcher exits with the worker's exit code.
-        Returns the psutil processes of those launched workers (not our own child)."""
+        """Send the polite stop request: the stop file, and a signal to the worker (the process itself, or
+        behind a launcher (``PythonSlicer``) the Python it started, so the launcher exits with the worker's exit
+        code). Returns the psutil processes of those launched workers (not our own child)."""
         import psutil
 
+        with contextlib.suppress(OSError):
+            self._stop_file.touch()
+        if not self.signal_stop:
+            return []
         workers = []
         if self._launcher:
             with contextlib.suppress(psutil.NoSuchProcess):

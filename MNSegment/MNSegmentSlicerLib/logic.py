@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -126,6 +127,39 @@ def engine_settings(overrides: dict) -> dict:
     return settings
 
 
+class Export:
+    """What :meth:`MNSegmentLogic.prepare_cases` copied out of the scene, and where it goes."""
+
+    def __init__(self, folder: Path, meta: dict, datalist: dict | None, files: list):
+        self.folder, self.meta, self.datalist, self.files = folder, meta, datalist, files
+
+    def write(self, stop: threading.Event) -> None:
+        """Any thread: write the images, then ``datalist.json`` and ``job.json`` (last: a folder holding them
+        holds every image). Returns early, writing no JSON, once ``stop`` is set."""
+        for snapshot, path in self.files:
+            if stop.is_set():
+                return
+            export.write_snapshot(snapshot, path)
+        self.files = []  # the copies are not needed anymore
+        if self.datalist is not None:
+            _write_json(self.folder / DATALIST_FILE, self.datalist)
+        _write_json(self.folder / JOB_FILE, self.meta)
+
+
+def check_settings(settings: dict) -> None:
+    """Refuse impossible training settings before anything is exported (one clear message)."""
+    steps = settings.get("train.steps")
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"Steps must be a whole number of at least 1 (got {steps!r}).")
+    batch = settings.get("sampling.batch_size")
+    if batch is not None and (not isinstance(batch, int) or batch < 1):
+        raise ValueError(f"Batch size must be a whole number of at least 1 (got {batch!r}).")
+    patch = settings.get("sampling.patch_size")
+    if patch is not None and (not isinstance(patch, (list, tuple)) or len(patch) != 3
+                              or not all(isinstance(v, int) and v >= 8 for v in patch)):
+        raise ValueError(f"Patch size must be three voxel counts of at least 8, like [96, 96, 48] (got {patch!r}).")
+
+
 class MNSegmentLogic:
     """Scene-level API of MNSegment (usable from Slicer's Python console).
 
@@ -137,10 +171,13 @@ class MNSegmentLogic:
         logic.segment([vol5], job.folder / "run")
     """
 
-    def __init__(self, scene=None, confirm_install=None):
+    def __init__(self, scene=None, confirm_install=None, python: list[str] | None = None):
         self.scene = scene
         #: ``callable(message) -> bool`` asked before installing missing Python packages (Slicer only)
         self.confirm_install = confirm_install
+        #: command that starts the worker's Python (default: ``PythonSlicer`` inside Slicer, else this Python)
+        self.python = python
+        #: running jobs and the last ones started (finished jobs are dropped when a new one starts)
         self.jobs: list[EngineJob] = []
 
     # -------------------------------------------------------------------------------- scene queries
@@ -148,14 +185,11 @@ class MNSegmentLogic:
         return _scene_of(list(nodes), self.scene)
 
     def scalar_volumes(self) -> list:
+        """Plain scalar volumes of the scene (no label maps, vector, DWI or DTI volumes)."""
         scene = self._get_scene()
         nodes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
-        result = []
-        for i in range(nodes.GetNumberOfItems()):
-            node = nodes.GetItemAsObject(i)
-            if not node.IsA("vtkMRMLLabelMapVolumeNode"):
-                result.append(node)
-        return result
+        return [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())
+                if export.is_scalar_3d_volume(nodes.GetItemAsObject(i))]
 
     def pair_segmentations(self, include_predictions: bool = False) -> list[tuple]:
         """(volume, segmentation) for every segmentation in the scene whose reference geometry is a volume.
@@ -172,11 +206,12 @@ class MNSegmentLogic:
             if seg.GetSegmentation().GetNumberOfSegments() == 0:
                 continue
             ref = seg.GetNodeReference(seg.GetReferenceImageGeometryReferenceRole())
-            if ref is not None and ref.IsA("vtkMRMLScalarVolumeNode") and not ref.IsA("vtkMRMLLabelMapVolumeNode"):
+            if export.is_scalar_3d_volume(ref):
                 pairs.append((ref, seg))
         return pairs
 
     def unlabeled_candidates(self, labeled) -> list:
+        """Scalar volumes not used by a labeled row (rows may be half filled: None)."""
         used = {vol.GetID() for vol, _seg in labeled if vol is not None}
         return [v for v in self.scalar_volumes() if v.GetID() not in used]
 
@@ -191,30 +226,33 @@ class MNSegmentLogic:
         if missing:
             names = ", ".join(r.name for r in missing)
             raise EngineError(f"Python packages needed by MNSegment are missing: {names}.")
+        problem = dependencies.torch_problem()
+        if problem:
+            raise EngineError(problem)
 
     # --------------------------------------------------------------------------------------- export
-    def export_cases(self, labeled, unlabeled, folder: Path, role_unlabeled: str = "unlabeled") -> dict:
-        """Export volumes/segmentations into ``folder`` and write ``datalist.json`` and ``job.json``."""
+    def prepare_cases(self, labeled, unlabeled, folder: Path, role_unlabeled: str = "unlabeled") -> Export:
+        """Main thread: check the inputs and copy them out of the scene; nothing is written yet."""
         folder = Path(folder)
         labeled = [(v, s) for v, s in labeled]
         unlabeled = list(unlabeled)
-        ids = [v.GetID() for v, _s in labeled] + [v.GetID() for v in unlabeled]
-        if len(set(ids)) != len(ids):
-            raise ValueError("A volume is listed twice (labeled volumes cannot also be unlabeled).")
         for vol, seg in labeled:
             export.check_volume(vol)
             if seg is None or not seg.IsA("vtkMRMLSegmentationNode"):
                 raise ValueError(f"No segmentation for {vol.GetName()}")
         for vol in unlabeled:
             export.check_volume(vol)
+        ids = [v.GetID() for v, _s in labeled] + [v.GetID() for v in unlabeled]
+        if len(set(ids)) != len(ids):
+            raise ValueError("A volume is listed twice (labeled volumes cannot also be unlabeled).")
         classes = export.build_classes([s for _v, s in labeled])
         images, labels = folder / "data" / "images", folder / "data" / "labels"
-        cases, datalist = [], {"labeled": [], "unlabeled": []}
+        cases, files, datalist = [], [], {"labeled": [], "unlabeled": []}
         for index, (vol, seg) in enumerate(labeled):
             stem = export.safe_stem(vol.GetName(), index)
-            image = export.export_volume(vol, images / f"{stem}.nrrd")
-            label = labels / f"{stem}.nrrd"
-            counts = export.export_labelmap(seg, vol, classes, label)
+            image, label = images / f"{stem}.nrrd", labels / f"{stem}.nrrd"
+            snapshot, counts = export.snapshot_labelmap(seg, vol, classes)
+            files += [(export.snapshot_volume(vol), image), (snapshot, label)]
             datalist["labeled"].append({"image": _relative(image, folder), "label": _relative(label, folder)})
             cases.append({
                 "role": "labeled", "stem": stem, "volume_id": vol.GetID(), "volume_name": vol.GetName(),
@@ -223,18 +261,23 @@ class MNSegmentLogic:
             })
         for index, vol in enumerate(unlabeled, start=len(labeled)):
             stem = export.safe_stem(vol.GetName(), index)
-            image = export.export_volume(vol, images / f"{stem}.nrrd")
+            image = images / f"{stem}.nrrd"
+            files.append((export.snapshot_volume(vol), image))
             datalist["unlabeled"].append({"image": _relative(image, folder)})
             cases.append({
                 "role": role_unlabeled, "stem": stem, "volume_id": vol.GetID(), "volume_name": vol.GetName(),
                 "image": _relative(image, folder),
             })
         datalist["classes"] = {str(c["value"]): c["name"] for c in classes}
-        if labeled:
-            _write_json(folder / DATALIST_FILE, datalist)
         meta = {"version": 1, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "classes": classes, "cases": cases}
-        _write_json(folder / JOB_FILE, meta)
-        return meta
+        return Export(folder, meta, datalist if labeled else None, files)
+
+    def export_cases(self, labeled, unlabeled, folder: Path, role_unlabeled: str = "unlabeled") -> dict:
+        """Export volumes/segmentations into ``folder`` and write ``datalist.json`` and ``job.json`` (blocking;
+        :meth:`train` and :meth:`segment` write the files on a worker thread instead)."""
+        prepared = self.prepare_cases(labeled, unlabeled, folder, role_unlabeled)
+        prepared.write(threading.Event())
+        return prepared.meta
 
     def default_output_dir(self) -> Path:
         return Path.home() / "MNSegment" / "jobs" / time.strftime("job-%Y%m%d-%H%M%S")
@@ -255,23 +298,27 @@ class MNSegmentLogic:
         if not labeled:
             raise ValueError("At least one labeled case (volume + segmentation) is needed.")
         device = device_argument(device)
+        if network not in NETWORKS:
+            raise ValueError(f"Unknown network {network!r}: use one of {', '.join(NETWORKS)}")
+        settings = engine_settings(overrides)
+        check_settings(settings)
         self.check_dependencies()
         scene = self._get_scene([v for v, _s in labeled])
         folder = Path(output_dir) if output_dir else self.default_output_dir()
         if (folder / RUN_DIR).exists():
             raise ValueError(f"{folder} already holds a training: choose a new output folder, or Resume it.")
-        folder.mkdir(parents=True, exist_ok=True)
-        meta = self.export_cases(labeled, unlabeled, folder)
-        settings = engine_settings(overrides)
+        prepared = self.prepare_cases(labeled, unlabeled, folder)
+        meta = prepared.meta
         meta.update({"run_dir": RUN_DIR, "preset": preset, "device": device, "network": network,
                      "overrides": settings})
-        _write_json(folder / JOB_FILE, meta)
+        folder.mkdir(parents=True, exist_ok=True)
         args = ["train", str(folder / DATALIST_FILE), "--output", str(folder / RUN_DIR), "--preset", preset,
                 "--device", device]
         for key, value in settings.items():
             args += ["--set", f"{key}={_set_value(value)}"]
         args.append("--events")
-        phases = [Phase("train", args), self._predict_phase(folder, meta, device, network)]
+        phases = [Phase("export", run=prepared.write), Phase("train", args),
+                  self._predict_phase(folder, meta, device, network)]
         return self._run(phases, folder, scene, wait, on_progress, on_log, on_event, on_phase, on_finished)
 
     def resume(self, job_folder, wait: bool = False, on_progress=None, on_log=None, on_event=None,
@@ -318,14 +365,16 @@ class MNSegmentLogic:
         if not volumes:
             raise ValueError("Select at least one volume to segment.")
         model = self.resolve_model_dir(model_dir)
+        device = device_argument(device)
         self.check_dependencies()
         folder = Path(output_dir) if output_dir else model.parent / "segment" / time.strftime("%Y%m%d-%H%M%S")
-        folder.mkdir(parents=True, exist_ok=True)
-        meta = self.export_cases([], volumes, folder, role_unlabeled="segment")
+        prepared = self.prepare_cases([], volumes, folder, role_unlabeled="segment")
+        meta = prepared.meta
         meta["classes"] = self.model_classes(model)
         meta.update({"model_dir": str(model), "predictions_dir": PREDICTIONS_DIR, "network": network})
-        _write_json(folder / JOB_FILE, meta)
-        phases = [self._predict_phase(folder, meta, device_argument(device), network, model_dir=model,
+        folder.mkdir(parents=True, exist_ok=True)
+        phases = [Phase("export", run=prepared.write),
+                  self._predict_phase(folder, meta, device, network, model_dir=model,
                                       out_dir=folder / PREDICTIONS_DIR)]
         job = self._run(phases, folder, self._get_scene(volumes), wait, None, on_log, on_event, None, on_finished)
         return job.result if wait else job
@@ -360,7 +409,7 @@ class MNSegmentLogic:
         from .job import worker_environment
 
         job = EngineJob(phases, folder=folder, on_progress=on_progress, on_log=on_log, on_event=on_event,
-                        on_phase=on_phase, env=worker_environment())
+                        on_phase=on_phase, env=worker_environment(), python=self.python)
         if load:
             def load_results(job):
                 if job.status == DONE:
@@ -369,6 +418,7 @@ class MNSegmentLogic:
         job.add_finished_handler(_record_status)
         if on_finished is not None:
             job.add_finished_handler(on_finished)
+        self.jobs = [j for j in self.jobs if j.running]
         self.jobs.append(job)
         job.start()
         if wait:
@@ -380,11 +430,15 @@ class MNSegmentLogic:
             job.raise_for_status()
         return job
 
-    def cancel_all(self) -> None:
-        """Cancel every running job (scene close, application exit)."""
+    def cancel_all(self, wait: bool = False) -> None:
+        """Cancel every running job (scene close; application exit with ``wait=True``, so that the workers
+        save their checkpoints before Slicer goes)."""
         for job in self.jobs:
             if job.running:
                 job.cancel()
+        if wait:
+            for job in self.jobs:
+                job.wait()
 
     # -------------------------------------------------------------------------------------- results
     def load_predictions(self, job_or_folder, scene=None) -> list:

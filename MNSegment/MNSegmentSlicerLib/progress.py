@@ -48,6 +48,13 @@ def describe_progress(event: dict) -> tuple[str, str, int, int]:
     return status, metrics, step, total
 
 
+def describe_warning(event: dict) -> str | None:
+    """Text for a ``warning`` event of the engine (None for other events)."""
+    if event.get("event") != "warning":
+        return None
+    return f"Warning: {str(event.get('message') or '').strip() or 'see the log'}"
+
+
 def parse_patch_size(text: str) -> list[int] | None:
     """``"96, 96, 48"`` → ``[96, 96, 48]``; empty → None (preset default)."""
     text = (text or "").strip()
