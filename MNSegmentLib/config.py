@@ -33,6 +33,7 @@ _BASE: dict[str, Any] = {
         "lora_alpha": 16,
         "lora_dropout": 0.1,
         "decoder_channels": 64,
+        "decoder_norm": "group",  # group | batch (BatchNorm: only for run folders made before 2026-11-28)
         "chunk_slices": 128,  # slices per 2D forward pass; bounds memory on large patches
     },
     "model3d": {
@@ -193,6 +194,7 @@ def validate(config: dict[str, Any]) -> None:
            "teacher.temperature", "a number >= 0 (1 = soft targets, 0 = hard labels)")
     _check(teacher["input"] in ("augmented", "clean"), "teacher.input", "augmented or clean")
     _check(m2["adaptation"] in ("lora", "frozen", "full"), "model2d.adaptation", "one of lora, frozen, full")
+    _check(m2["decoder_norm"] in ("group", "batch"), "model2d.decoder_norm", "group or batch")
     _check(config["data"]["normalization"] in ("auto", "ct", "mr", "none"), "data.normalization",
            "one of auto, ct, mr, none")
     _check(config["data"]["slice_axis"] in (0, 1, 2), "data.slice_axis", "0, 1 or 2")
@@ -219,4 +221,7 @@ def load(path: Path) -> dict[str, Any]:
 def load_run_config(path: Path) -> dict[str, Any]:
     """A run folder's config.json. Keys added to the engine after the run was made take their defaults, so a
     new key's default must reproduce the engine's earlier behaviour (as ``teacher.*`` does)."""
-    return _merge(_BASE, load(path))
+    config = load(path)
+    # runs made before model2d.decoder_norm existed have a BatchNorm decoder (their weights need it)
+    config.setdefault("model2d", {}).setdefault("decoder_norm", "batch")
+    return _merge(_BASE, config)

@@ -38,8 +38,10 @@ def predict_array(array: np.ndarray, predict: Callable[[torch.Tensor], torch.Ten
     """Class probabilities (K, X, Y, Z) on the CPU for a preprocessed (X, Y, Z) array.
 
     Overlapping windows are blended with Gaussian weights; with ``tta``, also averaged over flips of each axis.
+    Windows stay inside the volume; along an axis where the volume is smaller than the patch, it is edge-padded,
+    as training crops are (:mod:`sampling`; zero would be average tissue in a z-scored MR).
     """
-    x = torch.from_numpy(np.ascontiguousarray(array))[None, None].float()
+    x = torch.tensor(np.asarray(array, dtype=np.float32))[None, None]  # a copy: cached arrays are read-only
     flips = [()] + ([(2,), (3,), (4,)] if tta else [])
     total = None
     for dims in flips:
@@ -47,7 +49,8 @@ def predict_array(array: np.ndarray, predict: Callable[[torch.Tensor], torch.Ten
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             # Windows run on ``device``; the full-volume accumulator stays on the CPU for large scans.
             out = sliding_window_inference(inputs, patch_size, sw_batch_size, predict, overlap=overlap,
-                                           mode="gaussian", sw_device=device, device="cpu")
+                                           mode="gaussian", padding_mode="replicate", sw_device=device,
+                                           device="cpu")
         out = torch.flip(out.float(), dims) if dims else out.float()
         total = out if total is None else total + out
     return (total / len(flips))[0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,8 +13,9 @@ from .errors import InputError
 _NORMS = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
 
-def _conv_block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+def _conv_block(cin: int, cout: int, norm: str) -> nn.Sequential:
+    normalise = nn.GroupNorm(math.gcd(8, cout), cout) if norm == "group" else nn.BatchNorm2d(cout)
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), normalise, nn.ReLU(inplace=True))
 
 
 class SliceSegmenter(nn.Module):
@@ -22,20 +25,43 @@ class SliceSegmenter(nn.Module):
     head, the finest decoder features are concatenated with the input resampled to their resolution before the
     classifier; the logits are then upsampled to the input size (cheaper than a full-resolution decoder stage,
     which dominated the step time on the CPU).
+
+    Normalisation never depends on the other slices of a batch, so chunking the slices, micro-batching the
+    patches and recomputing activations (:func:`slicing.apply_2d`) give exactly what one pass would:
+
+    - The encoder's BatchNorm layers keep their pretrained running statistics (they stay in eval mode in
+      training too); their affine weights train with ``adaptation`` lora or full. This is the usual choice when
+      fine-tuning a pretrained CNN on small batches: statistics estimated from one chunk of slices of a few
+      patches are noisy, were updated again by every recomputation, and moved even with ``adaptation=frozen``.
+      (An encoder from scratch, ``weights=none``, keeps its initial statistics 0 and 1: its BatchNorm layers
+      are plain trainable per-channel affine maps.)
+    - The decoder, trained from scratch, uses GroupNorm (``decoder_norm=group``): per-slice statistics, no
+      running buffers. ``batch`` (BatchNorm) is only for run folders made before this choice; it is not
+      batch-independent.
     """
 
-    def __init__(self, encoder: nn.Module, num_classes: int, decoder_channels: int = 64):
+    def __init__(self, encoder: nn.Module, num_classes: int, decoder_channels: int = 64,
+                 decoder_norm: str = "group"):
         super().__init__()
         self.encoder = encoder
         channels = encoder.feature_info.channels()
         self.blocks = nn.ModuleList()
         deeper = channels[-1]
         for skip in reversed(channels[:-1]):
-            self.blocks.append(_conv_block(deeper + skip, decoder_channels))
+            self.blocks.append(_conv_block(deeper + skip, decoder_channels, decoder_norm))
             deeper = decoder_channels
-        self.head = nn.Sequential(_conv_block(deeper + 1, max(decoder_channels // 2, 8)),
+        self.head = nn.Sequential(_conv_block(deeper + 1, max(decoder_channels // 2, 8), decoder_norm),
                                   nn.Conv2d(max(decoder_channels // 2, 8), num_classes, 1))
         self.to(memory_format=torch.channels_last)  # faster convolutions on CPU (oneDNN) and tensor cores
+        self.train()
+
+    def train(self, mode: bool = True) -> SliceSegmenter:
+        """``mode`` everywhere except the encoder's BatchNorm layers, which always use their running statistics."""
+        super().train(mode)
+        for module in self.encoder.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.encoder(x.expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last))
@@ -108,4 +134,4 @@ def build_model2d(model2d: dict, num_classes: int, load_weights: bool = True) ->
 
         description = load_encoder_weights(encoder, name, str(model2d["weights"]))
     encoder = _adapt(encoder, model2d)
-    return SliceSegmenter(encoder, num_classes, model2d["decoder_channels"]), description
+    return SliceSegmenter(encoder, num_classes, model2d["decoder_channels"], model2d["decoder_norm"]), description

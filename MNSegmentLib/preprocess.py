@@ -189,6 +189,8 @@ def preprocess_datalist(datalist: Datalist, config: dict, cache_dir: Path, shoul
 
 
 def load_cached(cache_dir: Path, case: Case) -> tuple[np.ndarray, np.ndarray | None]:
-    image = np.load(cache_dir / f"{case.name}_image.npy")
+    """A cached case, memory-mapped read-only: pages are read on demand and shared between processes through
+    the OS page cache, so a large dataset need not fit in RAM (patches are copied out; see :mod:`sampling`)."""
+    image = np.load(cache_dir / f"{case.name}_image.npy", mmap_mode="r")
     label_path = cache_dir / f"{case.name}_label.npy"
-    return image, (np.load(label_path) if case.label is not None else None)
+    return image, (np.load(label_path, mmap_mode="r") if case.label is not None else None)

@@ -1,4 +1,16 @@
-"""Random training patches: foreground-biased crops with scale jitter and intensity augmentation."""
+"""Random training patches: foreground-biased crops with scale jitter and intensity augmentation.
+
+Crops stay inside the volume wherever the volume is larger than the crop (a foreground centre near the border
+gives an off-centre crop, as MONAI's ``RandCropByPosNegLabel`` does), so padding only happens along axes where
+the volume is smaller than the crop. There, image *and* label continue their border voxel (edge padding): every
+padded voxel is a copy of a real (image, label) pair, so the label never contradicts the image. (Zero labels
+next to edge-padded intensities would call a foreground-looking voxel background wherever the structure touches
+the border.) Prediction pads the same way (:func:`inference.predict_array`).
+
+Scale jitter resamples the image trilinearly and the label by ``nearest-exact``; both are centre-aligned
+(``align_corners=False`` geometry), so labels stay on their voxels. (Plain ``nearest`` is not centre-aligned and
+shifts labels by up to half an input voxel.)
+"""
 
 from __future__ import annotations
 
@@ -48,7 +60,7 @@ def intensity_augmentation() -> Compose:
 
 
 class PatchSampler:
-    """Draws patches from in-memory preprocessed volumes."""
+    """Draws patches from preprocessed volumes (in memory or memory-mapped from the cache)."""
 
     def __init__(self, images: list[np.ndarray], labels: list[np.ndarray | None], patch_size: list[int],
                  foreground_fraction: float, scale_jitter: float, intensity_aug: bool):
@@ -67,21 +79,27 @@ class PatchSampler:
         """Crop-centre masks for volumes without labels (the latest hard pseudo-masks)."""
         self.coords = [foreground_coords(mask, np.random.default_rng(0)) for mask in masks]
 
-    def _centre(self, index: int, rng: np.random.Generator) -> np.ndarray:
+    def _start(self, index: int, size: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """First voxel of a crop of ``size``: inside the volume along every axis where the volume is at least
+        as large as the crop, the volume centred in the crop along the others."""
+        shape = np.array(self.images[index].shape)
         coords = self.coords[index]
         if coords and rng.random() < self.foreground_fraction:
             chosen = coords[rng.integers(len(coords))]  # classes equally likely: small structures get seen
-            return chosen[rng.integers(len(chosen))]
-        return np.array([rng.integers(s) for s in self.images[index].shape])
+            start = chosen[rng.integers(len(chosen))] - size // 2
+        else:  # every crop position inside the volume equally likely
+            start = np.array([rng.integers(max(s - c, 0) + 1) for s, c in zip(shape, size)])
+        return np.where(shape >= size, np.clip(start, 0, np.maximum(shape - size, 0)), (shape - size) // 2)
 
-    def _crop(self, array: np.ndarray, centre: np.ndarray, size: np.ndarray, mode: str) -> np.ndarray:
-        start = centre - size // 2
+    @staticmethod
+    def _crop(array: np.ndarray, start: np.ndarray, size: np.ndarray) -> np.ndarray:
+        """A copy of ``array[start:start + size]``, edge-padded where it extends beyond the volume."""
         lo = np.maximum(start, 0)
         hi = np.minimum(start + size, array.shape)
-        patch = array[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        patch = np.array(array[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])  # a copy: the cache is read-only
         pad = [(int(a), int(b)) for a, b in zip(lo - start, start + size - hi)]
-        if any(a or b for a, b in pad):  # near a border or in a volume smaller than the patch
-            patch = np.pad(patch, pad, mode=mode)
+        if any(a or b for a, b in pad):  # only along axes where the volume is smaller than the crop
+            patch = np.pad(patch, pad, mode="edge")
         return patch
 
     def crop(self, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -95,13 +113,13 @@ class PatchSampler:
             index = int(rng.integers(len(self.images)))
             scale = 1 + rng.uniform(-self.scale_jitter, self.scale_jitter)
             crop = np.maximum(np.round(self.patch_size * scale).astype(int), 1)
-            centre = self._centre(index, rng)
-            image = torch.from_numpy(self._crop(self.images[index], centre, crop, "edge"))[None, None]
+            start = self._start(index, crop, rng)
+            image = torch.from_numpy(self._crop(self.images[index], start, crop))[None, None]
             images.append(F.interpolate(image, size=size, mode="trilinear", align_corners=False)[0]
                           if tuple(crop) != size else image[0])
             if self.labels[index] is not None:
-                label = torch.from_numpy(self._crop(self.labels[index], centre, crop, "constant"))[None, None]
-                labels.append(F.interpolate(label.float(), size=size, mode="nearest")[0].long()
+                label = torch.from_numpy(self._crop(self.labels[index], start, crop))[None, None]
+                labels.append(F.interpolate(label.float(), size=size, mode="nearest-exact")[0].long()
                               if tuple(crop) != size else label[0].long())
         return torch.stack(images).float(), (torch.stack(labels) if labels else None)
 

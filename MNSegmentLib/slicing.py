@@ -26,6 +26,11 @@ def apply_2d(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, axi
 
     With ``recompute`` (training), each chunk's activations are recomputed in the backward pass instead of
     kept, so memory is bounded by one chunk, not the whole batch of slices.
+
+    Chunked and recomputed results equal one pass over all slices only for a model whose normalisation does not
+    depend on the batch, as :class:`models2d.SliceSegmenter`'s does. A BatchNorm layer in training mode would
+    normalise each chunk with that chunk's statistics and update its running statistics once per chunk, and
+    again in every recomputation.
     """
     slices = to_slices(x, axis)
     outputs = []

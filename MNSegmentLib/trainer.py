@@ -217,8 +217,11 @@ class Trainer:
 
     def _accumulate(self, network: str, x_l: torch.Tensor, y_l: torch.Tensor | None, x_u: torch.Tensor,
                     x_teacher: torch.Tensor) -> float:
-        """Loss and gradients over the batch in micro-batches. Exact: the loss is a mean of per-sample terms,
-        so weighting each micro-batch by its share of the batch gives the full-batch gradient. ``x_teacher`` is
+        """Loss and gradients over the batch in micro-batches. The loss is a mean of per-sample terms, so
+        weighting each micro-batch by its share of the batch gives the full-batch gradient: exact as long as no
+        network normalises with batch statistics (the 2D network never does, see models2d.SliceSegmenter; the
+        3D network's default InstanceNorm does not; a 3D network configured with BatchNorm would make it
+        approximate). ``x_teacher`` is
         what the teacher sees of each unlabeled patch in ``x_u`` (the same tensor, or its un-augmented crop)."""
         optimizer = self.opt2d if network == "2d" else self.opt3d
         teacher = "3d" if network == "2d" else "2d"
