@@ -130,7 +130,7 @@ class Trainer:
 
     def refresh_points(self) -> list[int]:
         """Steps at which the 3D model re-predicts the unlabeled volumes (start of stage 2, then refresh_at)."""
-        if self.config["lrg"]["mode"] == "off":
+        if self.config["lrg"]["mode"] == "off" or not self.unlabeled_images:
             return []  # no unlabeled patch is ever drawn
         points = {self.stage2} | {round(f * self.total) for f in self.config["train"]["refresh_at"]}
         return sorted(p for p in points if self.stage2 <= p < self.total)

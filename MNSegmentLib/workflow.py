@@ -12,7 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from . import config as configuration
-from .datalist import load_datalist
+from .datalist import Datalist, load_datalist
 from .device import amp_for, resolve_device
 from .errors import Cancelled, InputError
 from .events import Events
@@ -48,6 +48,7 @@ def train(datalist_path: str | Path, output: str | Path, preset: str = "quick", 
     datalist = load_datalist(datalist_path)
     torch_device = resolve_device(device)
     _fresh_output(output)
+    _warn_if_labeled_only(datalist, config, events)
     check_networks(config)
     # Everything is prepared in a hidden sibling folder and renamed at the end: an error or a cancel during
     # preprocessing leaves no half-made run folder behind.
@@ -73,6 +74,16 @@ def train(datalist_path: str | Path, output: str | Path, preset: str = "quick", 
     return _run(output, config, plan, torch_device, events, stop)
 
 
+def _warn_if_labeled_only(datalist: Datalist, config: dict, events: Events) -> None:
+    """Co-training needs unlabeled volumes; without any, training runs as the labeled-only baseline."""
+    if datalist.unlabeled or config["lrg"]["mode"] == "off":
+        return
+    message = ("no unlabeled volumes: training both networks on the labeled volumes only (no co-training); "
+               "add unlabeled images to the datalist to use M&N")
+    log.warning(message)
+    events.emit("warning", message=message)
+
+
 def check_networks(config: dict) -> None:
     """Builds both networks once before any data is touched, so a wrong backbone, weights file, 3D network or
     patch size is refused at once, not after preprocessing, and leaves no run folder behind."""
@@ -89,12 +100,14 @@ def resume(run_dir: str | Path, device: str | None = None, events: Events | None
         raise InputError(f"{run_dir} has finished training already (model.pt exists); nothing to resume")
     plan = Plan.from_json(configuration.load(run_dir / "plan.json"))
     torch_device = resolve_device(device or config.get("device", "auto"))
-    return _run(run_dir, config, plan, torch_device, events or Events(False), stop)
+    return _run(run_dir, config, plan, torch_device, events or Events(False), stop, resuming=True)
 
 
 def _run(run_dir: Path, config: dict, plan: Plan, device: torch.device, events: Events,
-         stop: threading.Event | None) -> Path:
+         stop: threading.Event | None, resuming: bool = False) -> Path:
     datalist = load_datalist(run_dir / "datalist.json", check_files=False)
+    if resuming:
+        _warn_if_labeled_only(datalist, config, events)
     trainer = Trainer(run_dir, config, plan, datalist, device, events, stop)
     trainer.run()
     _write_curves(run_dir, trainer.history)

@@ -305,3 +305,24 @@ def test_corrupted_checkpoint_is_an_internal_error_exit_1(tmp_path_factory):
     events = parse_events(result.stdout)
     assert events[-1]["event"] == "error" and events[-1]["exit_code"] == 1
     assert not (broken / "model.pt").exists()
+
+
+# -- no unlabeled volumes: the labeled-only baseline, said up front ------------------------------------------
+def test_training_without_unlabeled_volumes_finishes_labeled_only_with_a_warning(tmp_path):
+    """Once looped forever at the start of stage 2 (no pseudo-masks to compute, so never 'refreshed')."""
+    datalist = make_dataset(tmp_path / "data", n_labeled=2, n_unlabeled=0)
+    output = tmp_path / "run"
+    result = run_cli("train", str(datalist), "--output", str(output), "--preset", "quick", "--device", "cpu",
+                     "--events", *set_args({**TINY_SET, "train.steps": 4, "train.warmup_fraction": 0.5}),
+                     timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = parse_events(result.stdout)
+    warnings = [e for e in events if e["event"] == "warning"]
+    assert len(warnings) == 1 and "no unlabeled volumes" in warnings[0]["message"]
+    kinds = [e["event"] for e in events]
+    assert kinds.index("warning") < kinds.index("start") and kinds[-1] == "done"
+    # the command line says so before preprocessing starts
+    assert result.stderr.index("no unlabeled volumes") < result.stderr.index("checking and preprocessing")
+    progress = [e for e in events if e["event"] == "progress"]
+    assert progress[-1]["step"] == 4 and all(e["unlabeled_share"] == 0 for e in progress)
+    assert (output / "model.pt").exists() and not (output / "pseudo").exists()
