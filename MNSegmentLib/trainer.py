@@ -55,7 +55,10 @@ def dice_scores(prediction: np.ndarray, label: np.ndarray, num_classes: int) -> 
 
 class Trainer:
     def __init__(self, run_dir: Path, config: dict, plan: Plan, datalist: Datalist, device: torch.device,
-                 events: Events, stop: threading.Event | None = None):
+                 events: Events, stop: threading.Event | None = None,
+                 pretrained2d: tuple[dict[str, torch.Tensor], str] | None = None):
+        """``pretrained2d``: the 2D encoder's starting tensors and their description, already loaded (by
+        :func:`workflow.check_networks`); without it the weights are read here. Unused when resuming."""
         self.run_dir, self.config, self.plan, self.device = run_dir, config, plan, device
         self.events = events
         self.stop = stop or threading.Event()
@@ -79,8 +82,13 @@ class Trainer:
                                       s["patch_size"], s["foreground_fraction"], s["scale_jitter"],
                                       s["intensity_aug"])
 
-        load_pretrained = not (run_dir / CHECKPOINT).exists()
-        self.model2d, self.weights_2d = build_model2d(config["model2d"], self.num_classes, load_pretrained)
+        fresh = not (run_dir / CHECKPOINT).exists()
+        self.model2d, self.weights_2d = build_model2d(config["model2d"], self.num_classes,
+                                                      fresh and pretrained2d is None)
+        if fresh and pretrained2d is not None:
+            encoder, self.weights_2d = pretrained2d
+            unexpected = self.model2d.load_state_dict(encoder, strict=False).unexpected_keys
+            assert not unexpected, f"pretrained2d holds tensors this 2D network lacks: {unexpected[:3]}"
         self.model3d = build_model3d(config["model3d"], self.num_classes)
         self.model2d.to(device)
         self.model3d.to(device)
@@ -96,7 +104,7 @@ class Trainer:
         self.masks_version = -1  # which refresh point the pseudo-masks on disk belong to
         self._progress: dict | None = None  # the last progress event's fields
         self._last_event = self._last_log = 0.0
-        if not load_pretrained:
+        if not fresh:
             self._load_checkpoint()
 
     # -- set-up ---------------------------------------------------------------------------------------------
@@ -198,10 +206,12 @@ class Trainer:
                 if self.micro_batch == 1:
                     raise InputError("out of GPU memory even with one patch at a time; reduce "
                                      "sampling.patch_size or model2d.chunk_slices, or use --device cpu") from None
-                self.micro_batch = max(1, self.micro_batch // 2)
-                torch.cuda.empty_cache()
-                log.warning("out of GPU memory: continuing with micro-batches of %d patches", self.micro_batch)
-                self.events.emit("warning", message=f"out of GPU memory; micro-batch reduced to {self.micro_batch}")
+            # Out of the except block: its traceback, which holds the failed step's tensors, is gone, so their
+            # memory can really be released.
+            self.micro_batch = max(1, self.micro_batch // 2)
+            torch.cuda.empty_cache()
+            log.warning("out of GPU memory: continuing with micro-batches of %d patches", self.micro_batch)
+            self.events.emit("warning", message=f"out of GPU memory; micro-batch reduced to {self.micro_batch}")
 
     @torch.no_grad()
     def _teacher_targets(self, teacher: str, x: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ def train(datalist_path: str | Path, output: str | Path, preset: str = "quick", 
     torch_device = resolve_device(device)
     _fresh_output(output)
     _warn_if_labeled_only(datalist, config, events)
-    check_networks(config)
+    pretrained2d = check_networks(config)
     # Everything is prepared in a hidden sibling folder and renamed at the end: an error or a cancel during
     # preprocessing leaves no half-made run folder behind.
     partial = output.parent / f".{output.name}.partial-{os.getpid()}"
@@ -71,7 +71,7 @@ def train(datalist_path: str | Path, output: str | Path, preset: str = "quick", 
         shutil.rmtree(partial, ignore_errors=True)
     log.info("plan: spacing %s mm, %s normalisation, classes %s", plan.target_spacing, plan.normalization,
              plan.classes)
-    return _run(output, config, plan, torch_device, events, stop)
+    return _run(output, config, plan, torch_device, events, stop, pretrained2d=pretrained2d)
 
 
 def _warn_if_labeled_only(datalist: Datalist, config: dict, events: Events) -> None:
@@ -84,11 +84,19 @@ def _warn_if_labeled_only(datalist: Datalist, config: dict, events: Events) -> N
     events.emit("warning", message=message)
 
 
-def check_networks(config: dict) -> None:
+def check_networks(config: dict) -> tuple[dict[str, torch.Tensor], str]:
     """Builds both networks once before any data is touched, so a wrong backbone, weights file, 3D network or
-    patch size is refused at once, not after preprocessing, and leaves no run folder behind."""
-    build_model2d(config["model2d"], 2)
+    patch size is refused at once, not after preprocessing, and leaves no run folder behind.
+
+    Returns the 2D encoder's tensors and their description for the Trainer, so the pretrained weights are read
+    once. Built under the run's seed, as the Trainer builds its networks, they are exactly the tensors the
+    Trainer would have made itself (LoRA adapters included); the class head is not in them.
+    """
+    torch.manual_seed(int(config["seed"]))
+    model2d, description = build_model2d(config["model2d"], 2)
     check_patch_size(build_model3d(config["model3d"], 2), config["model3d"], config["sampling"]["patch_size"])
+    encoder = {k: v for k, v in model2d.state_dict().items() if k.startswith("encoder.")}
+    return encoder, description
 
 
 def resume(run_dir: str | Path, device: str | None = None, events: Events | None = None,
@@ -104,11 +112,12 @@ def resume(run_dir: str | Path, device: str | None = None, events: Events | None
 
 
 def _run(run_dir: Path, config: dict, plan: Plan, device: torch.device, events: Events,
-         stop: threading.Event | None, resuming: bool = False) -> Path:
+         stop: threading.Event | None, resuming: bool = False,
+         pretrained2d: tuple[dict[str, torch.Tensor], str] | None = None) -> Path:
     datalist = load_datalist(run_dir / "datalist.json", check_files=False)
     if resuming:
         _warn_if_labeled_only(datalist, config, events)
-    trainer = Trainer(run_dir, config, plan, datalist, device, events, stop)
+    trainer = Trainer(run_dir, config, plan, datalist, device, events, stop, pretrained2d)
     trainer.run()
     _write_curves(run_dir, trainer.history)
     events.emit("done", model_dir=str(run_dir))

@@ -13,7 +13,7 @@ import timm
 import torch
 from engine_fixtures import TINY_SET, make_dataset, model_state, states_equal, trained_run
 
-from MNSegmentLib import workflow
+from MNSegmentLib import pretrained, workflow
 from MNSegmentLib.datalist import load_datalist
 from MNSegmentLib.events import Events
 from MNSegmentLib.preprocess import Plan
@@ -125,14 +125,18 @@ def test_lrg_off_never_draws_unlabeled_but_students_alternate(tmp_path, tiny_dat
 
 
 # -- offline 2D weights from a local file --------------------------------------------------------------------
-def test_2d_weights_from_a_local_file(tmp_path, tiny_data):
+def test_2d_weights_from_a_local_file(tmp_path, tiny_data, monkeypatch):
     torch.manual_seed(7)
     encoder = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True)
     weights = tmp_path / "my encoder.pth"
     torch.save(encoder.state_dict(), weights)
+    loads = []  # the file is read once: when the settings are checked, not again by the Trainer
+    original = pretrained.load_encoder_weights
+    monkeypatch.setattr(pretrained, "load_encoder_weights", lambda *a: loads.append(a) or original(*a))
     stream = io.StringIO()
     overrides = {**TINY_SET, "train.steps": 2, "train.warmup_fraction": 1.0, "model2d.weights": str(weights)}
     run = workflow.train(tiny_data, tmp_path / "run", "quick", "cpu", overrides, Events(True, stream))
+    assert len(loads) == 1
     start = json.loads(stream.getvalue().splitlines()[0])
     assert start["event"] == "start" and str(weights) in start["weights_2d"]
     assert json.loads((run / "config.json").read_text())["model2d"]["weights"] == str(weights)

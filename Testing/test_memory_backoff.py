@@ -8,6 +8,7 @@ per-sample terms). The out-of-memory path is driven by a stand-in for a small GP
 from __future__ import annotations
 
 import copy
+import sys
 import threading
 
 import numpy as np
@@ -93,10 +94,13 @@ class SmallGpuStandIn(torch.nn.Module):
         return self.network(x)
 
 
-def test_out_of_memory_halves_the_micro_batch_and_keeps_the_update(trainer: Trainer) -> None:
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_update(trainer: Trainer, monkeypatch) -> None:
     expected = _update(trainer, 2)
     small_gpu = SmallGpuStandIn(trainer.model3d)
+    in_except = []  # the cache is emptied once the failed step's traceback (and its tensors) is released
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: in_except.append(sys.exc_info()[0] is not None))
     got = _update(trainer, 4, small_gpu)
+    assert in_except == [False]
     assert trainer.micro_batch == 2
     assert small_gpu.largest_batch == 2
     assert _max_difference(got, expected) < 1e-5
