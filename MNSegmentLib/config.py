@@ -56,6 +56,9 @@ _BASE: dict[str, Any] = {
         "checkpoint_every": 500,  # steps
         "validate_every": 500,  # steps; only when the datalist has validation cases
         "amp": True,  # mixed precision on CUDA (ignored on CPU)
+        # CUDA only: reproducible kernels (slower; cuDNN benchmark off). Off = fastest kernels, so a CUDA run (and a
+        # resumed one) matches another only approximately. CPU runs are reproducible either way.
+        "deterministic": False,
         "micro_batch": None,  # patches per forward/backward; None = the whole batch (halved on CUDA out-of-memory)
     },
     "lrg": {
@@ -179,6 +182,8 @@ def validate(config: dict[str, Any]) -> None:
     _check(t["micro_batch"] is None or (isinstance(t["micro_batch"], int) and t["micro_batch"] >= 1),
            "train.micro_batch", "null or an integer >= 1")
     _check(isinstance(t["steps"], int) and t["steps"] >= 2, "train.steps", "an integer >= 2")
+    _check(isinstance(t["deterministic"], bool), "train.deterministic", "true or false")
+    _check(isinstance(t["amp"], bool), "train.amp", "true or false")
     _check(0 < t["warmup_fraction"] <= 1, "train.warmup_fraction", "a number in (0, 1]")
     _check(0 <= t["lr_warmup_fraction"] < 1, "train.lr_warmup_fraction", "a number in [0, 1)")
     _check(t["lr_2d"] > 0 and t["lr_3d"] > 0, "train.lr_2d/lr_3d", "positive numbers")
@@ -219,4 +224,8 @@ def load(path: Path) -> dict[str, Any]:
 def load_run_config(path: Path) -> dict[str, Any]:
     """A run folder's config.json. Keys added to the engine after the run was made take their defaults, so a
     new key's default must reproduce the engine's earlier behaviour (as ``teacher.*`` does)."""
-    return _merge(_BASE, load(path))
+    saved = load(path)
+    config = _merge(_BASE, saved)
+    if "deterministic" not in saved.get("train", {}):
+        config["train"]["deterministic"] = True  # before the key existed, CUDA runs always were
+    return config

@@ -19,7 +19,7 @@ import torch
 
 from . import checkpoint
 from .datalist import Datalist
-from .device import amp_for
+from .device import amp_for, configure_kernels
 from .errors import Cancelled, InputError
 from .events import Events
 from .inference import predict_array, predictor
@@ -66,10 +66,8 @@ class Trainer:
         self.seed = int(config["seed"])
         self.total, self.stage2, self.warmup = stage_bounds(config)
         self.amp = amp_for(device, config["train"]["amp"])
+        configure_kernels(device, config["train"]["deterministic"])
         torch.manual_seed(self.seed)
-        if device.type == "cuda":  # reproducible kernels (warn, don't fail, where CUDA has none)
-            torch.backends.cudnn.benchmark = False
-            torch.use_deterministic_algorithms(True, warn_only=True)
 
         cache = run_dir / "cache"
         labeled = [load_cached(cache, c) for c in datalist.labeled]
@@ -97,7 +95,8 @@ class Trainer:
                                        weight_decay=t["weight_decay"])
         self.opt3d = torch.optim.AdamW([p for p in self.model3d.parameters() if p.requires_grad], lr=t["lr_3d"],
                                        weight_decay=t["weight_decay"])
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp.use_scaler)
+        # One loss scale per network: an overflow in one network's float16 gradients must not shrink the other's.
+        self.scalers = {net: torch.amp.GradScaler(device.type, enabled=self.amp.use_scaler) for net in ("2d", "3d")}
         self.micro_batch = int(config["train"]["micro_batch"] or config["sampling"]["batch_size"])
         self.step = 0
         self.history: list[dict] = []
@@ -114,7 +113,10 @@ class Trainer:
         self.model3d.load_state_dict(state["model3d"])
         self.opt2d.load_state_dict(state["opt2d"])
         self.opt3d.load_state_dict(state["opt3d"])
-        self.scaler.load_state_dict(state["scaler"])
+        for net, scaler in self.scalers.items():  # checkpoints before per-network scalers had one "scaler"
+            saved = state.get(f"scaler{net}", state.get("scaler"))
+            if saved and scaler.is_enabled():  # empty when saved without loss scaling (CPU, bfloat16)
+                scaler.load_state_dict(saved)
         self.step, self.history = state["step"], state["history"]
         self.masks_version = state["masks_version"]
         self.weights_2d = state.get("weights_2d", self.weights_2d)
@@ -126,7 +128,8 @@ class Trainer:
         path = checkpoint.save_atomic({
             "step": self.step, "model2d": self.model2d.state_dict(), "model3d": self.model3d.state_dict(),
             "opt2d": self.opt2d.state_dict(), "opt3d": self.opt3d.state_dict(),
-            "scaler": self.scaler.state_dict(), "history": self.history, "masks_version": self.masks_version,
+            "scaler2d": self.scalers["2d"].state_dict(), "scaler3d": self.scalers["3d"].state_dict(),
+            "history": self.history, "masks_version": self.masks_version,
             "weights_2d": self.weights_2d,
         }, self.run_dir / CHECKPOINT)
         self.events.emit("checkpoint", path=str(path), step=self.step)
@@ -231,6 +234,7 @@ class Trainer:
         so weighting each micro-batch by its share of the batch gives the full-batch gradient. ``x_teacher`` is
         what the teacher sees of each unlabeled patch in ``x_u`` (the same tensor, or its un-augmented crop)."""
         optimizer = self.opt2d if network == "2d" else self.opt3d
+        scaler = self.scalers[network]
         teacher = "3d" if network == "2d" else "2d"
         x = torch.cat([x_l, x_u]) if len(x_u) else x_l
         n_labeled = len(x_l)
@@ -247,10 +251,10 @@ class Trainer:
                     targets.append(self._teacher_targets(teacher, unlabeled))
                 loss = dice_kl_loss(self._forward(network, x[part]), torch.cat(targets))
                 loss = loss * (part.stop - start) / len(x)
-            self.scaler.scale(loss).backward()
+            scaler.scale(loss).backward()
             total += float(loss.detach())
-        self.scaler.step(optimizer)
-        self.scaler.update()
+        scaler.step(optimizer)
+        scaler.update()
         return total
 
     def train_step(self) -> dict:

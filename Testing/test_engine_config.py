@@ -72,7 +72,7 @@ def test_apply_overrides():
     ("model2d.adaptation", "qlora"), ("data.slice_axis", 3), ("inference.network", "4d"),
     ("data.target_spacing", [1, 1]), ("train.warmup_fraction", 0), ("sampling.scale_jitter", 0.7),
     ("lrg.unlabeled", "both"), ("teacher.temperature", -0.5), ("teacher.temperature", "sharp"),
-    ("teacher.input", "raw"),
+    ("teacher.input", "raw"), ("train.deterministic", "yes"), ("train.amp", 1),
 ])
 def test_invalid_values_are_input_errors(key, value):
     with pytest.raises(InputError, match=key.split(".")[0]):
@@ -82,9 +82,11 @@ def test_invalid_values_are_input_errors(key, value):
 def test_run_config_from_an_older_engine_gets_the_new_keys_defaults(tmp_path):
     old = preset("quick")
     del old["teacher"]  # a run folder made before teacher.* existed
+    del old["train"]["deterministic"]
     old["lrg"]["unlabeled"] = "replace"
     (tmp_path / "config.json").write_text(json.dumps(old))
     loaded = load_run_config(tmp_path / "config.json")
     assert loaded["teacher"] == {"temperature": 1.0, "input": "augmented"}  # the behaviour it was trained with
+    assert loaded["train"]["deterministic"] is True and preset("quick")["train"]["deterministic"] is False
     assert loaded["lrg"]["unlabeled"] == "replace" and loaded["model3d"] == old["model3d"]  # its own values win
     validate(loaded)
