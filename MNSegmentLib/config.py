@@ -83,11 +83,19 @@ _BASE: dict[str, Any] = {
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The reference code's hyper-parameters (METHOD.md): 4000 epochs x 8 iterations, batch 5, 160x160x64.
+    # The reference code's schedule (METHOD.md), batch 5 of 160x160x64. An "epoch" there is 8 iterations and
+    # the 2D and 3D networks count epochs separately (4000 each):
+    #   stage 1: 500 epochs x 8 = 4 000 steps, both networks every step;
+    #   stage 2: 3 500 epochs x 8 per network, one network per step, switching every 8 steps
+    #            = 2 x 28 000 = 56 000 steps;
+    #   total 60 000 steps, stage 1 = 4 000 / 60 000 = 1/15; LR warm-up 50 epochs = 400 steps = 0.1 of stage 1.
+    # Refreshes at per-network epochs 1000, 1500, 2000, 3000 = 500, 1000, 1500, 2500 stage-2 epochs of 16 steps
+    # after step 4 000: steps 12 000, 20 000, 28 000, 44 000 = 1/5, 1/3, 7/15, 11/15 of 60 000.
     "paper": {
         "sampling": {"patch_size": [160, 160, 64], "batch_size": 5},
         "model2d": {"name": "resnet50", "lora_rank": 64, "lora_alpha": 64, "chunk_slices": 64},
-        "train": {"steps": 32000, "checkpoint_every": 1000, "validate_every": 1000},
+        "train": {"steps": 60000, "warmup_fraction": 1 / 15, "refresh_at": [1 / 5, 1 / 3, 7 / 15, 11 / 15],
+                  "checkpoint_every": 1000, "validate_every": 2000},
         "lrg": {"unlabeled": "replace"},
     },
     "default": {},

@@ -43,6 +43,13 @@ def step_rng(seed: int, step: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, step, stream])
 
 
+def refresh_steps(config: dict) -> list[int]:
+    """The start of stage 2 and the ``train.refresh_at`` shares of all steps that fall in stage 2."""
+    total, stage2, _ = stage_bounds(config)
+    points = {stage2} | {round(f * total) for f in config["train"]["refresh_at"]}
+    return sorted(p for p in points if stage2 <= p < total)
+
+
 def dice_scores(prediction: np.ndarray, label: np.ndarray, num_classes: int) -> list[float]:
     """Foreground Dice per class on index arrays (a quick in-training check, not the reported metric)."""
     scores = []
@@ -143,8 +150,7 @@ class Trainer:
         """Steps at which the 3D model re-predicts the unlabeled volumes (start of stage 2, then refresh_at)."""
         if self.config["lrg"]["mode"] == "off" or not self.unlabeled_images:
             return []  # no unlabeled patch is ever drawn
-        points = {self.stage2} | {round(f * self.total) for f in self.config["train"]["refresh_at"]}
-        return sorted(p for p in points if self.stage2 <= p < self.total)
+        return refresh_steps(self.config)
 
     def _predict_volume(self, array: np.ndarray) -> np.ndarray:
         """Hard 3D-network prediction of a preprocessed volume (pseudo-masks and validation)."""

@@ -16,6 +16,8 @@ from MNSegmentLib.config import (
     validate,
 )
 from MNSegmentLib.errors import InputError
+from MNSegmentLib.schedule import stage_bounds
+from MNSegmentLib.trainer import refresh_steps
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -42,6 +44,19 @@ def test_preset_values():
     assert preset("quick")["train"]["steps"] == 400
     with pytest.raises(InputError, match="unknown preset"):
         preset("fast")
+
+
+def test_paper_preset_matches_the_reference_schedule():
+    """Reference: 4000 epochs of 8 iterations per network, counted separately; stage 1 = 500 epochs with both
+    networks per step, then one network per step, switching every epoch; refreshes at epochs 1000/1500/2000/3000."""
+    config = preset("paper")
+    total, stage2, lr_warmup = stage_bounds(config)
+    assert (total, stage2, lr_warmup) == (60000, 4000, 400)  # 500 + 2 x 3500 epochs of 8; warm-up 50 epochs
+    every = config["train"]["alternate_every"]
+    turns_2d = sum(((step - stage2) // every) % 2 == 0 for step in range(stage2, total))
+    assert every == 8 and turns_2d == total - stage2 - turns_2d == 3500 * 8
+    epoch_steps = [stage2 + (epoch - 500) * 2 * every for epoch in (1000, 1500, 2000, 3000)]
+    assert refresh_steps(config) == [stage2, *epoch_steps] == [4000, 12000, 20000, 28000, 44000]
 
 
 def test_parse_set_args():
