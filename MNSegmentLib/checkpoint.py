@@ -1,4 +1,4 @@
-"""Atomic checkpoints: a crash or a kill at any moment leaves either the old file or the new one."""
+"""Atomic checkpoints: a crash, a kill -9 or a full disk at any moment leaves either the old file or the new one."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ import torch
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> Path:
+    """Writes a temporary file beside ``path``, flushes it to disk, then renames it over ``path`` (atomic on
+    POSIX and Windows) and flushes the folder so the rename itself survives a power cut. On any failure the
+    temporary file is removed and ``path`` is untouched."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
@@ -19,9 +22,26 @@ def save_atomic(state: dict[str, Any], path: Path) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    if os.name != "posix":  # Windows cannot open a folder; its rename is already durable (MoveFileEx)
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_partial(path: Path) -> None:
+    """Deletes temporary files that a process killed during :func:`save_atomic` left beside ``path``."""
+    for leftover in path.parent.glob(f".{path.name}.*.part"):
+        leftover.unlink(missing_ok=True)
 
 
 def load(path: Path, device: str | torch.device = "cpu") -> dict[str, Any]:

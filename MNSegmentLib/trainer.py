@@ -10,6 +10,7 @@ batch are unlabeled follows the learning rate (:mod:`lrg`).
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -111,6 +112,7 @@ class Trainer:
         self._progress: dict | None = None  # the last progress event's fields
         self._last_event = self._last_log = 0.0
         if not fresh:
+            checkpoint.remove_partial(run_dir / CHECKPOINT)
             self._load_checkpoint()
 
     # -- set-up ---------------------------------------------------------------------------------------------
@@ -127,8 +129,14 @@ class Trainer:
         self.step, self.history = state["step"], state["history"]
         self.masks_version = state["masks_version"]
         self.weights_2d = state.get("weights_2d", self.weights_2d)
+        # an out-of-memory back-off is kept: the accumulation order, hence the exact result, depends on it
+        self.micro_batch = state.get("micro_batch", self.micro_batch)
         if self.masks_version >= 0:
-            self.unlabeled.set_masks([np.load(self._mask_path(i)) for i in range(len(self.unlabeled_images))])
+            paths = [self._mask_path(self.masks_version, i) for i in range(len(self.unlabeled_images))]
+            if all(p.exists() for p in paths):
+                self.unlabeled.set_masks([np.load(p) for p in paths])
+            else:  # a run folder from before versioned masks: recompute them from the checkpoint's model
+                self.masks_version = -1
         log.info("resuming at step %d of %d", self.step, self.total)
 
     def save_checkpoint(self) -> Path:
@@ -136,15 +144,20 @@ class Trainer:
             "step": self.step, "model2d": self.model2d.state_dict(), "model3d": self.model3d.state_dict(),
             "opt2d": self.opt2d.state_dict(), "opt3d": self.opt3d.state_dict(),
             "scaler2d": self.scalers["2d"].state_dict(), "scaler3d": self.scalers["3d"].state_dict(),
-            "history": self.history, "masks_version": self.masks_version,
+            "history": self.history, "masks_version": self.masks_version, "micro_batch": self.micro_batch,
             "weights_2d": self.weights_2d,
         }, self.run_dir / CHECKPOINT)
+        for old in (self.run_dir / "pseudo").glob("v*"):  # only the version the checkpoint names is needed now
+            if old.name != f"v{self.masks_version}":
+                shutil.rmtree(old, ignore_errors=True)
         self.events.emit("checkpoint", path=str(path), step=self.step)
         return path
 
     # -- pseudo-masks ---------------------------------------------------------------------------------------
-    def _mask_path(self, index: int) -> Path:
-        return self.run_dir / "pseudo" / f"{index:04d}.npy"
+    def _mask_path(self, version: int, index: int) -> Path:
+        """Each refresh writes a new version: the one the last checkpoint names stays intact until a newer
+        checkpoint replaces it, so a run killed after a refresh resumes with the masks it had then."""
+        return self.run_dir / "pseudo" / f"v{version}" / f"{index:04d}.npy"
 
     def refresh_points(self) -> list[int]:
         """Steps at which the 3D model re-predicts the unlabeled volumes (start of stage 2, then refresh_at)."""
@@ -176,8 +189,8 @@ class Trainer:
                 return  # the caller saves a checkpoint; masks are recomputed on resume
             masks.append(self._predict_volume(array))
             self._report(activity=f"pseudo-masks {i + 1}/{len(self.unlabeled_images)}")
-            self._mask_path(i).parent.mkdir(exist_ok=True)
-            np.save(self._mask_path(i), masks[-1])
+            self._mask_path(version, i).parent.mkdir(parents=True, exist_ok=True)
+            np.save(self._mask_path(version, i), masks[-1])
         self.unlabeled.set_masks(masks)
         self.masks_version = version
         log.info("pseudo-masks of %d unlabeled volumes refreshed in %.1f s", len(masks),

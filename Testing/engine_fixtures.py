@@ -118,8 +118,10 @@ def states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool
 # Trained once per pytest session with a real `mnsegment train` subprocess; the CLI tests also train an
 # interrupted+resumed copy with exactly these arguments and compare the weights.
 TRAINED_STEPS = 30
+# Pseudo-masks are refreshed at steps 15 (start of stage 2) and 27; the 3D network trains in between (steps
+# 23-26), so the two versions differ (the kill -9 resume test relies on that).
 TRAINED_SET = {**TINY_SET, "train.steps": TRAINED_STEPS, "train.warmup_fraction": 0.5, "train.lr_3d": 0.005,
-               "train.checkpoint_every": 1000, "sampling.foreground_fraction": 0.7}
+               "train.checkpoint_every": 1000, "sampling.foreground_fraction": 0.7, "train.refresh_at": [0.9]}
 
 _lock = threading.Lock()
 _cache: dict[str, object] = {}

@@ -326,3 +326,39 @@ def test_training_without_unlabeled_volumes_finishes_labeled_only_with_a_warning
     progress = [e for e in events if e["event"] == "progress"]
     assert progress[-1]["step"] == 4 and all(e["unlabeled_share"] == 0 for e in progress)
     assert (output / "model.pt").exists() and not (output / "pseudo").exists()
+
+
+# -- kill -9 between a pseudo-mask refresh and the next checkpoint ------------------------------------------
+def test_kill_9_after_a_refresh_then_resume_equals_the_uninterrupted_run(tmp_path_factory):
+    """No chance to save: the run continues from its last periodic checkpoint (step 24), which predates the
+    refresh at step 27. The masks it names must still be on disk as they were: they were once overwritten in
+    place, and steps 24-26 then cropped around the newer masks."""
+    run = trained_run(tmp_path_factory)
+    output = tmp_path_factory.mktemp("kill9") / "run"
+    args = train_args(run.datalist, output) + set_args({"train.checkpoint_every": 24})  # same weights, more saves
+    with open(output.parent / "stdout.txt", "w") as stdout:
+        process = subprocess.Popen(cli_command(*args), stdout=stdout, stderr=subprocess.PIPE, text=True,
+                                   env=cli_env())
+        refreshes = 0
+        try:
+            for line in process.stderr:
+                refreshes += "pseudo-masks of" in line
+                if refreshes == 2:  # refreshed at step 27 (after 15): kill before the final save at step 30
+                    process.send_signal(signal.SIGKILL)
+                    break
+            process.wait(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert process.returncode == -signal.SIGKILL
+    events = parse_events((output.parent / "stdout.txt").read_text())
+    saved = [e["step"] for e in events if e["event"] == "checkpoint"]
+    assert saved == [24] and not (output / "model.pt").exists()
+
+    resumed = run_cli("resume", str(output), "--events", timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert parse_events(resumed.stdout)[0]["step"] == 24
+    assert states_equal(model_state(output), model_state(run.run_dir))
+    assert sorted(p.name for p in (output / "pseudo").iterdir()) == ["v1"]  # older versions are cleaned up
+    assert not list(output.glob("*.part"))

@@ -144,3 +144,20 @@ def test_each_network_has_its_own_loss_scale(trainer: Trainer, monkeypatch) -> N
     assert scaled.scalers["2d"].get_scale() == initial["2d"] / 2  # the step was skipped and the scale halved
     assert scaled.scalers["3d"].get_scale() == initial["3d"]
     assert all(torch.equal(before[k], v) for k, v in scaled.model2d.named_parameters())  # no optimiser step
+
+
+def test_a_reduced_micro_batch_is_kept_across_resume(trainer: Trainer, tmp_path) -> None:
+    """The accumulation order (hence the exact weights) depends on the micro-batch: a run that backed off after
+    an out-of-memory error resumes with the reduced one."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trainer.run_dir, run)
+    copy_ = Trainer(run, trainer.config, trainer.plan, load_datalist(run / "datalist.json"), torch.device("cpu"),
+                    Events(False), threading.Event())
+    assert copy_.micro_batch == 4
+    copy_.micro_batch = 1  # as after two back-offs
+    copy_.save_checkpoint()
+    resumed = Trainer(run, trainer.config, trainer.plan, load_datalist(run / "datalist.json"), torch.device("cpu"),
+                      Events(False), threading.Event())
+    assert resumed.micro_batch == 1
