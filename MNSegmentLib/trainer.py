@@ -24,6 +24,7 @@ from .device import amp_for, configure_kernels
 from .errors import Cancelled, InputError
 from .events import Events
 from .inference import predict_array, predictor
+from .io import write_failed
 from .losses import dice_kl_loss, one_hot
 from .lrg import split_batch, unlabeled_share
 from .models2d import build_model2d
@@ -189,8 +190,12 @@ class Trainer:
                 return  # the caller saves a checkpoint; masks are recomputed on resume
             masks.append(self._predict_volume(array))
             self._report(activity=f"pseudo-masks {i + 1}/{len(self.unlabeled_images)}")
-            self._mask_path(version, i).parent.mkdir(parents=True, exist_ok=True)
-            np.save(self._mask_path(version, i), masks[-1])
+            path = self._mask_path(version, i)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                np.save(path, masks[-1])
+            except OSError as err:  # this version is not named by any checkpoint yet: no harm done
+                raise write_failed(path, err) from None
         self.unlabeled.set_masks(masks)
         self.masks_version = version
         log.info("pseudo-masks of %d unlabeled volumes refreshed in %.1f s", len(masks),

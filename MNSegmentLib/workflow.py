@@ -17,7 +17,7 @@ from .device import amp_for, resolve_device
 from .errors import Cancelled, InputError
 from .events import Events
 from .inference import predict_files, predictor
-from .io import write_json_atomic
+from .io import writable_folder, write_failed, write_json_atomic
 from .models2d import build_model2d
 from .models3d import build_model3d, check_patch_size
 from .preprocess import Plan, preprocess_datalist
@@ -48,6 +48,7 @@ def train(datalist_path: str | Path, output: str | Path, preset: str = "quick", 
     datalist = load_datalist(datalist_path)
     torch_device = resolve_device(device)
     _fresh_output(output)
+    writable_folder(output.parent, "--output")
     _warn_if_labeled_only(datalist, config, events)
     pretrained2d = check_networks(config)
     # Everything is prepared in a hidden sibling folder and renamed at the end: an error or a cancel during
@@ -57,7 +58,10 @@ def train(datalist_path: str | Path, output: str | Path, preset: str = "quick", 
         log.info("checking and preprocessing %d labeled, %d unlabeled volumes", len(datalist.labeled),
                  len(datalist.unlabeled))
         stop = stop or threading.Event()
-        plan = preprocess_datalist(datalist, config, partial / "cache", stop.is_set)
+        try:
+            plan = preprocess_datalist(datalist, config, partial / "cache", stop.is_set)
+        except OSError as err:  # inputs are read through SimpleITK (InputError); this is the cache's writing
+            raise write_failed(output / "cache", err) from None
         if stop.is_set():
             raise Cancelled()
         config["device"] = device
@@ -179,6 +183,7 @@ def predict(model_dir: str | Path, images: list[str | Path], output_dir: str | P
     check_images(paths)
     torch_device = resolve_device(device)
     config, plan, model2d, model3d = load_models(Path(model_dir), torch_device)
+    writable_folder(Path(output_dir), "--output")
     network = network or config["inference"]["network"]
     if network not in ("3d", "2d", "ensemble"):
         raise InputError(f"--network {network}: use 3d, 2d or ensemble")

@@ -90,9 +90,23 @@ def cli_env() -> dict:
     return env
 
 
-def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None,
+            file_size_limit: int | None = None) -> subprocess.CompletedProcess:
+    """``file_size_limit``: a full disk, simulated without privileges: the process may not write any file beyond
+    that many bytes (RLIMIT_FSIZE; such writes fail with EFBIG, as on a full disk they fail with ENOSPC)."""
     return subprocess.run(cli_command(*args), capture_output=True, text=True, timeout=timeout, env=cli_env(),
-                          cwd=cwd)
+                          cwd=cwd, preexec_fn=_limit_file_size(file_size_limit) if file_size_limit else None)
+
+
+def _limit_file_size(limit: int):
+    def apply() -> None:
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write with EFBIG instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
 
 
 def parse_events(stdout: str) -> list[dict]:
