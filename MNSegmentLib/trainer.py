@@ -13,6 +13,9 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +46,54 @@ MODEL = "model.pt"
 def step_rng(seed: int, step: int, stream: int) -> np.random.Generator:
     """Randomness of one step derived from (seed, step): a resumed run draws exactly what the original would."""
     return np.random.default_rng([seed, step, stream])
+
+
+@dataclass
+class Batch:
+    """One step's patches on the CPU, with what they were drawn for."""
+
+    step: int
+    masks_version: int
+    torch_seed: int
+    x_l: torch.Tensor  # labeled patches (n, 1, X, Y, Z)
+    y_l: torch.Tensor | None  # their labels
+    x_u: torch.Tensor  # unlabeled patches, augmented
+    x_clean: torch.Tensor | None  # the same before augmentation, when the teacher sees that view
+
+
+class Prefetcher:
+    """Draws the next step's batch on a background thread while the current step computes (cropping, resizing
+    and augmenting on the main thread left the GPU idle between steps). A batch is used only for the
+    (step, pseudo-mask version) it was drawn for, else drawn again, so results equal drawing in place."""
+
+    def __init__(self, draw: Callable[[int, int], Batch], enabled: bool = True):
+        self._draw = draw
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="mnsegment-batch") if enabled else None
+        self._pending: tuple[tuple[int, int], Future] | None = None
+
+    def ahead(self, step: int, masks_version: int) -> None:
+        if self._pool is not None:
+            self.drop()
+            self._pending = (step, masks_version), self._pool.submit(self._draw, step, masks_version)
+
+    def take(self, step: int, masks_version: int) -> Batch:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            batch = pending[1].result()  # re-raises an error of the background thread here
+            if pending[0] == (step, masks_version):
+                return batch
+        return self._draw(step, masks_version)
+
+    def drop(self) -> None:
+        """Waits for a batch being drawn and forgets it."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            wait([pending[1]])
+
+    def close(self) -> None:
+        self.drop()
+        if self._pool is not None:
+            self._pool.shutdown()
 
 
 def refresh_steps(config: dict) -> list[int]:
@@ -112,6 +163,7 @@ class Trainer:
         self.masks_version = -1  # which refresh point the pseudo-masks on disk belong to
         self._progress: dict | None = None  # the last progress event's fields
         self._last_event = self._last_log = 0.0
+        self.data_wait_s = self.step_s = 0.0  # time run() waited for batches, and spent in steps in all
         if not fresh:
             checkpoint.remove_partial(run_dir / CHECKPOINT)
             self._load_checkpoint()
@@ -253,7 +305,7 @@ class Trainer:
         return torch.softmax(logits / temperature, 1)
 
     def _accumulate(self, network: str, x_l: torch.Tensor, y_l: torch.Tensor | None, x_u: torch.Tensor,
-                    x_teacher: torch.Tensor) -> float:
+                    x_teacher: torch.Tensor) -> torch.Tensor:
         """Loss and gradients over the batch in micro-batches. Exact: the loss is a mean of per-sample terms,
         so weighting each micro-batch by its share of the batch gives the full-batch gradient. ``x_teacher`` is
         what the teacher sees of each unlabeled patch in ``x_u`` (the same tensor, or its un-augmented crop)."""
@@ -263,7 +315,7 @@ class Trainer:
         x = torch.cat([x_l, x_u]) if len(x_u) else x_l
         n_labeled = len(x_l)
         optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        total = torch.zeros((), device=self.device)  # on the device: no host sync per micro-batch
         for start in range(0, len(x), self.micro_batch):
             part = slice(start, min(start + self.micro_batch, len(x)))
             with torch.autocast(self.device.type, dtype=self.amp.dtype, enabled=self.amp.dtype is not None):
@@ -276,19 +328,18 @@ class Trainer:
                 loss = dice_kl_loss(self._forward(network, x[part]), torch.cat(targets))
                 loss = loss * (part.stop - start) / len(x)
             scaler.scale(loss).backward()
-            total += float(loss.detach())
+            total += loss.detach().float()
         scaler.step(optimizer)
         scaler.update()
         return total
 
-    def train_step(self) -> dict:
-        step, t, lrg = self.step, self.config["train"], self.config["lrg"]
+    def draw_batch(self, step: int, masks_version: int) -> Batch:
+        """Everything random about step ``step``'s batch, from (seed, step) alone; the unlabeled crops also
+        depend on the pseudo-masks (``masks_version`` names them). Runs on the prefetch thread: CPU only."""
+        lrg = self.config["lrg"]
         factor = lr_factor(step, self.total, self.stage2, self.warmup)
-        for optimizer, peak in ((self.opt2d, t["lr_2d"]), (self.opt3d, t["lr_3d"])):
-            for group in optimizer.param_groups:
-                group["lr"] = peak * factor
         rng = step_rng(self.seed, step, 0)
-        torch.manual_seed(int(rng.integers(2**62)))  # dropout etc.: also a function of (seed, step)
+        torch_seed = int(rng.integers(2**62))  # dropout etc.: also a function of (seed, step)
         share = unlabeled_share(lrg["mode"], step, self.stage2, self.total, factor, 1.0, lrg["share"], lrg["cap"])
         if not len(self.unlabeled):
             share = 0.0
@@ -299,18 +350,39 @@ class Trainer:
         n_labeled = batch if lrg["unlabeled"] == "add" else batch - n_unlabeled
         x_l, y_l = self.labeled.sample(n_labeled, rng)
         x_clean, _ = self.unlabeled.crop(n_unlabeled, rng)
-        x_l, x_u = x_l.to(self.device), self.unlabeled.augment_batch(x_clean, rng).to(self.device)
-        x_teacher = x_clean.to(self.device) if self.config["teacher"]["input"] == "clean" else x_u  # one copy
-        y_l = y_l.to(self.device) if y_l is not None else None
+        x_u = self.unlabeled.augment_batch(x_clean, rng)
+        x_clean = x_clean if self.config["teacher"]["input"] == "clean" else None
+        if self.device.type == "cuda":  # page-locked, so the copy to the GPU can overlap with computation
+            x_l, y_l, x_u, x_clean = (t.pin_memory() if t is not None else None for t in (x_l, y_l, x_u, x_clean))
+        return Batch(step, masks_version, torch_seed, x_l, y_l, x_u, x_clean)
+
+    def train_step(self, batch: Batch | None = None) -> dict:
+        """One step at ``self.step``; ``batch`` is that step's :meth:`draw_batch` (drawn here if not given)."""
+        step, t = self.step, self.config["train"]
+        batch = batch or self.draw_batch(step, self.masks_version)
+        assert batch.step == step, f"batch of step {batch.step} given at step {step}"
+        factor = lr_factor(step, self.total, self.stage2, self.warmup)
+        for optimizer, peak in ((self.opt2d, t["lr_2d"]), (self.opt3d, t["lr_3d"])):
+            for group in optimizer.param_groups:
+                group["lr"] = peak * factor
+        torch.manual_seed(batch.torch_seed)
+
+        def to_device(x: torch.Tensor | None) -> torch.Tensor | None:
+            return x.to(self.device, non_blocking=True) if x is not None else None
+
+        x_l, y_l, x_u = to_device(batch.x_l), to_device(batch.y_l), to_device(batch.x_u)
+        x_teacher = to_device(batch.x_clean) if batch.x_clean is not None else x_u  # one copy
         train_2d, train_3d = self._students(step)
-        losses = {"loss_2d": None, "loss_3d": None}
+        losses = {}
         if train_2d:
             losses["loss_2d"] = self._train_student("2d", x_l, y_l, x_u, x_teacher)
         if train_3d:
             losses["loss_3d"] = self._train_student("3d", x_l, y_l, x_u, x_teacher)
+        values = dict(zip(losses, torch.stack(list(losses.values())).tolist()))  # the step's one host sync
+        n_labeled, n_unlabeled = len(batch.x_l), len(batch.x_u)
         return {"step": step, "stage": "warmup" if step < self.stage2 else "cotrain",
                 "unlabeled_share": n_unlabeled / (n_labeled + n_unlabeled), "lr_2d": t["lr_2d"] * factor,
-                "lr_3d": t["lr_3d"] * factor, **losses}
+                "lr_3d": t["lr_3d"] * factor, "loss_2d": values.get("loss_2d"), "loss_3d": values.get("loss_3d")}
 
     # -- the loop -------------------------------------------------------------------------------------------
     def _report(self, force: bool = False, activity: str | None = None) -> None:
@@ -330,7 +402,6 @@ class Trainer:
 
     def run(self) -> Path:
         """Trains to the end (or raises Cancelled after saving a checkpoint); returns the run folder."""
-        t = self.config["train"]
         refresh = self.refresh_points()
         self.events.emit("start", total_steps=self.total, step=self.step, device=str(self.device),
                          weights_2d=self.weights_2d, stage2_start=self.stage2,
@@ -338,6 +409,18 @@ class Trainer:
         log.info("training on %s: %d labeled, %d unlabeled volumes; 2D %s (%s); %d steps, co-training from %d",
                  self.device, len(self.labeled), len(self.unlabeled), self.config["model2d"]["name"],
                  self.weights_2d, self.total, self.stage2)
+        prefetch = Prefetcher(self.draw_batch, self.config["train"]["prefetch"])
+        try:
+            self._loop(refresh, prefetch)
+        finally:
+            prefetch.close()
+        self.save_checkpoint()
+        checkpoint.save_atomic({"model2d": self.model2d.state_dict(), "model3d": self.model3d.state_dict()},
+                               self.run_dir / MODEL)
+        return self.run_dir
+
+    def _loop(self, refresh: list[int], prefetch: Prefetcher) -> None:
+        t = self.config["train"]
         step_times: list[float] = []
         while self.step < self.total:
             if self.stop.is_set():
@@ -345,11 +428,17 @@ class Trainer:
                 raise Cancelled()
             due = [i for i, p in enumerate(refresh) if p <= self.step]
             if due and due[-1] > self.masks_version:
+                prefetch.drop()  # it may be reading the masks about to be replaced; it is drawn again after
                 self.refresh_masks(due[-1])
                 continue  # re-checks the stop flag before the step
             started = time.monotonic()
-            record = self.train_step()
+            batch = prefetch.take(self.step, self.masks_version)
+            self.data_wait_s += time.monotonic() - started
+            if self.step + 1 < self.total and self.step + 1 not in refresh:
+                prefetch.ahead(self.step + 1, self.masks_version)  # while this step computes
+            record = self.train_step(batch)
             step_times.append(time.monotonic() - started)
+            self.step_s += step_times[-1]
             self.step += 1
             if self.step % t["validate_every"] == 0 or self.step == self.total:
                 record["val_dice"] = self.validate()
@@ -359,10 +448,6 @@ class Trainer:
             self._report(force=self.step in (self.stage2, self.total))
             if self.step % t["checkpoint_every"] == 0 and self.step < self.total:
                 self.save_checkpoint()
-        self.save_checkpoint()
-        checkpoint.save_atomic({"model2d": self.model2d.state_dict(), "model3d": self.model3d.state_dict()},
-                               self.run_dir / MODEL)
-        return self.run_dir
 
 
 def _fmt(value: float | None) -> str:
