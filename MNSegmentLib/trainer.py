@@ -163,7 +163,8 @@ class Trainer:
         self.masks_version = -1  # which refresh point the pseudo-masks on disk belong to
         self._progress: dict | None = None  # the last progress event's fields
         self._last_event = self._last_log = 0.0
-        self.data_wait_s = self.step_s = 0.0  # time run() waited for batches, and spent in steps in all
+        # (seconds waiting for the batch, seconds of the whole step) of each step run() made in this process
+        self.timings: list[tuple[float, float]] = []
         if not fresh:
             checkpoint.remove_partial(run_dir / CHECKPOINT)
             self._load_checkpoint()
@@ -421,7 +422,6 @@ class Trainer:
 
     def _loop(self, refresh: list[int], prefetch: Prefetcher) -> None:
         t = self.config["train"]
-        step_times: list[float] = []
         while self.step < self.total:
             if self.stop.is_set():
                 self.save_checkpoint()
@@ -433,17 +433,16 @@ class Trainer:
                 continue  # re-checks the stop flag before the step
             started = time.monotonic()
             batch = prefetch.take(self.step, self.masks_version)
-            self.data_wait_s += time.monotonic() - started
+            waited = time.monotonic() - started
             if self.step + 1 < self.total and self.step + 1 not in refresh:
                 prefetch.ahead(self.step + 1, self.masks_version)  # while this step computes
             record = self.train_step(batch)
-            step_times.append(time.monotonic() - started)
-            self.step_s += step_times[-1]
+            self.timings.append((waited, time.monotonic() - started))  # train_step ends with a host sync
             self.step += 1
             if self.step % t["validate_every"] == 0 or self.step == self.total:
                 record["val_dice"] = self.validate()
             self.history.append(record)
-            eta = float(np.mean(step_times[-50:])) * (self.total - self.step)
+            eta = float(np.mean([took for _, took in self.timings[-50:]])) * (self.total - self.step)
             self._progress = {**record, "step": self.step, "total_steps": self.total, "eta_s": eta}
             self._report(force=self.step in (self.stage2, self.total))
             if self.step % t["checkpoint_every"] == 0 and self.step < self.total:
