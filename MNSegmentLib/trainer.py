@@ -277,8 +277,9 @@ class Trainer:
                         recompute=True)
 
     def _train_student(self, network: str, x_l: torch.Tensor, y_l: torch.Tensor | None, x_u: torch.Tensor,
-                       x_teacher: torch.Tensor) -> float:
-        """One optimiser step of ``network``; on CUDA out-of-memory, retries with half the micro-batch."""
+                       x_teacher: torch.Tensor) -> torch.Tensor:
+        """One optimiser step of ``network``, returning its loss (on the device); on CUDA out-of-memory, retries
+        with half the micro-batch."""
         while True:
             try:
                 return self._accumulate(network, x_l, y_l, x_u, x_teacher)
