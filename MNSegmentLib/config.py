@@ -57,6 +57,10 @@ _BASE: dict[str, Any] = {
         "checkpoint_every": 500,  # steps
         "validate_every": 500,  # steps; only when the datalist has validation cases
         "amp": True,  # mixed precision on CUDA (ignored on CPU)
+        # CUDA only: reproducible kernels (slower; cuDNN benchmark off). Off = fastest kernels, so a CUDA run (and a
+        # resumed one) matches another only approximately. CPU runs are reproducible either way.
+        "deterministic": False,
+        "prefetch": True,  # draw the next step's patches on a background thread (same patches as without)
         "micro_batch": None,  # patches per forward/backward; None = the whole batch (halved on CUDA out-of-memory)
     },
     "lrg": {
@@ -81,11 +85,19 @@ _BASE: dict[str, Any] = {
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The reference code's hyper-parameters (METHOD.md): 4000 epochs x 8 iterations, batch 5, 160x160x64.
+    # The reference code's schedule (METHOD.md), batch 5 of 160x160x64. An "epoch" there is 8 iterations and
+    # the 2D and 3D networks count epochs separately (4000 each):
+    #   stage 1: 500 epochs x 8 = 4 000 steps, both networks every step;
+    #   stage 2: 3 500 epochs x 8 per network, one network per step, switching every 8 steps
+    #            = 2 x 28 000 = 56 000 steps;
+    #   total 60 000 steps, stage 1 = 4 000 / 60 000 = 1/15; LR warm-up 50 epochs = 400 steps = 0.1 of stage 1.
+    # Refreshes at per-network epochs 1000, 1500, 2000, 3000 = 500, 1000, 1500, 2500 stage-2 epochs of 16 steps
+    # after step 4 000: steps 12 000, 20 000, 28 000, 44 000 = 1/5, 1/3, 7/15, 11/15 of 60 000.
     "paper": {
         "sampling": {"patch_size": [160, 160, 64], "batch_size": 5},
         "model2d": {"name": "resnet50", "lora_rank": 64, "lora_alpha": 64, "chunk_slices": 64},
-        "train": {"steps": 32000, "checkpoint_every": 1000, "validate_every": 1000},
+        "train": {"steps": 60000, "warmup_fraction": 1 / 15, "refresh_at": [1 / 5, 1 / 3, 7 / 15, 11 / 15],
+                  "checkpoint_every": 1000, "validate_every": 2000},
         "lrg": {"unlabeled": "replace"},
     },
     "default": {},
@@ -180,6 +192,9 @@ def validate(config: dict[str, Any]) -> None:
     _check(t["micro_batch"] is None or (isinstance(t["micro_batch"], int) and t["micro_batch"] >= 1),
            "train.micro_batch", "null or an integer >= 1")
     _check(isinstance(t["steps"], int) and t["steps"] >= 2, "train.steps", "an integer >= 2")
+    _check(isinstance(t["deterministic"], bool), "train.deterministic", "true or false")
+    _check(isinstance(t["amp"], bool), "train.amp", "true or false")
+    _check(isinstance(t["prefetch"], bool), "train.prefetch", "true or false")
     _check(0 < t["warmup_fraction"] <= 1, "train.warmup_fraction", "a number in (0, 1]")
     _check(0 <= t["lr_warmup_fraction"] < 1, "train.lr_warmup_fraction", "a number in [0, 1)")
     _check(t["lr_2d"] > 0 and t["lr_3d"] > 0, "train.lr_2d/lr_3d", "positive numbers")
@@ -221,7 +236,10 @@ def load(path: Path) -> dict[str, Any]:
 def load_run_config(path: Path) -> dict[str, Any]:
     """A run folder's config.json. Keys added to the engine after the run was made take their defaults, so a
     new key's default must reproduce the engine's earlier behaviour (as ``teacher.*`` does)."""
-    config = load(path)
-    # runs made before model2d.decoder_norm existed have a BatchNorm decoder (their weights need it)
-    config.setdefault("model2d", {}).setdefault("decoder_norm", "batch")
-    return _merge(_BASE, config)
+    saved = load(path)
+    config = _merge(_BASE, saved)
+    if "deterministic" not in saved.get("train", {}):
+        config["train"]["deterministic"] = True  # before the key existed, CUDA runs always were
+    if "decoder_norm" not in saved.get("model2d", {}):
+        config["model2d"]["decoder_norm"] = "batch"  # before the key existed, the 2D decoder used BatchNorm
+    return config

@@ -43,6 +43,22 @@ def amp_policy(device_type: str, enabled: bool, bf16_supported: bool) -> AmpPoli
     return AmpPolicy(torch.bfloat16, False) if bf16_supported else AmpPolicy(torch.float16, True)
 
 
+def native_bf16(capability: tuple[int, int]) -> bool:
+    """bfloat16 tensor cores from compute capability 8.0 (Ampere). ``torch.cuda.is_bf16_supported()`` also
+    counts emulation (T4 7.5, V100 7.0), where bfloat16 is slow, and looks at the current device, not ours."""
+    return tuple(capability) >= (8, 0)
+
+
 def amp_for(device: torch.device, enabled: bool) -> AmpPolicy:
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    bf16 = device.type == "cuda" and native_bf16(torch.cuda.get_device_capability(device))
     return amp_policy(device.type, enabled, bf16)
+
+
+def configure_kernels(device: torch.device, deterministic: bool) -> None:
+    """On CUDA, either reproducible kernels (``train.deterministic``: slower, and warns where CUDA has none) or
+    the fastest ones, chosen once per shape by cuDNN's benchmark (training patches have one fixed shape).
+    CPU kernels are reproducible as they are: nothing to set."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -54,7 +56,23 @@ def read_image(path: str | Path) -> sitk.Image:
         image = image[:, :, :, 0]
     if image.GetDimension() != 3:
         raise InputError(f"{path}: is {image.GetDimension()}D; MNSegment needs a 3D image")
+    _check_finite(image, path)
     return image
+
+
+def _check_finite(image: sitk.Image, path: Path) -> None:
+    """NaN or infinite voxels would poison normalisation and every loss: refused, not guessed at."""
+    if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
+        return  # integer voxels are always finite
+    values = sitk.GetArrayViewFromImage(image)
+    if np.isfinite(values.sum(dtype=np.float64)):  # one pass, no temporary array: the usual case
+        return
+    nan = int(np.count_nonzero(np.isnan(values)))
+    infinite = int(np.count_nonzero(np.isinf(values)))
+    if nan or infinite:
+        raise InputError(f"{path}: {nan} NaN and {infinite} infinite voxel(s) of {values.size}; MNSegment does not "
+                         "guess values for them: replace them (e.g. with the background intensity) and save the "
+                         "image again")
 
 
 def array_xyz(image: sitk.Image, dtype: Any = np.float32) -> np.ndarray:
@@ -77,11 +95,16 @@ def _temp_beside(path: Path) -> Path:
 
 
 def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> Path:
-    """Writes so that ``path`` is either absent or complete: temp file in the same folder, then rename."""
+    """Writes so that ``path`` is either absent or complete: temp file in the same folder, read back, then
+    renamed. (SimpleITK's NIfTI writer does not report a full disk: it leaves a truncated file and returns.)"""
     path = Path(path)
     tmp = _temp_beside(path)
     try:
-        sitk.WriteImage(image, str(tmp), compress)
+        try:
+            sitk.WriteImage(image, str(tmp), compress)
+            sitk.ReadImage(str(tmp))
+        except RuntimeError as err:
+            raise write_failed(path, err) from None
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -92,8 +115,41 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
     path = Path(path)
     tmp = _temp_beside(path)
     try:
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        try:
+            tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        except OSError as err:
+            raise write_failed(path, err) from None
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space, file-size limit, quota
+
+
+def write_failed(path: Path, err: Exception) -> InputError:
+    """One message for a write that failed half-way (full disk, file-size limit or quota, a lost drive)."""
+    if isinstance(err, OSError) and err.errno is not None:
+        reason = os.strerror(err.errno)
+    else:
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free / 2**30
+    return InputError(f"{path}: could not be written ({reason}; {free:.1f} GB free there); nothing half-written "
+                      "was kept. Free disk space or choose another folder, then run the command again (a stopped "
+                      "training continues from its last checkpoint with 'mnsegment resume RUN_DIR')")
+
+
+def writable_folder(folder: Path, option: str) -> None:
+    """Creates ``folder`` (and its parents) and checks a file can be made in it, before any work is done."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".mnsegment-write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise InputError(f"{folder}: cannot write there ({os.strerror(err.errno) if err.errno else err}); "
+                         f"choose an {option} folder you can write to") from None

@@ -81,9 +81,10 @@ def read_label(case: Case, image: sitk.Image) -> np.ndarray:
         if not np.all(np.equal(np.mod(values, 1), 0)):
             raise InputError(f"{case.label}: label maps must hold integer values (found fractions); "
                              "save it as an integer label map, not a probability map")
-    values = values.astype(np.int64)
     if values.min() < 0:
         raise InputError(f"{case.label}: negative label values; use 0 for background and 1, 2, ... for classes")
+    if not np.issubdtype(values.dtype, np.integer):  # integral floats: the smallest integer type (1 byte/voxel)
+        values = values.astype(np.min_scalar_type(int(values.max())))
     if not values.any():
         raise InputError(f"{case.label}: contains no labeled voxel (all 0); segment the structure or move "
                          "the image to 'unlabeled'")

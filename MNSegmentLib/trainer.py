@@ -10,8 +10,12 @@ batch are unlabeled follows the learning rate (:mod:`lrg`).
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +23,11 @@ import torch
 
 from . import checkpoint
 from .datalist import Datalist
-from .device import amp_for
+from .device import amp_for, configure_kernels
 from .errors import Cancelled, InputError
 from .events import Events
 from .inference import predict_array, predictor
+from .io import write_failed
 from .losses import dice_kl_loss, one_hot
 from .lrg import split_batch, unlabeled_share
 from .models2d import build_model2d
@@ -43,6 +48,61 @@ def step_rng(seed: int, step: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, step, stream])
 
 
+@dataclass
+class Batch:
+    """One step's patches on the CPU, with what they were drawn for."""
+
+    step: int
+    masks_version: int
+    torch_seed: int
+    x_l: torch.Tensor  # labeled patches (n, 1, X, Y, Z)
+    y_l: torch.Tensor | None  # their labels
+    x_u: torch.Tensor  # unlabeled patches, augmented
+    x_clean: torch.Tensor | None  # the same before augmentation, when the teacher sees that view
+
+
+class Prefetcher:
+    """Draws the next step's batch on a background thread while the current step computes (cropping, resizing
+    and augmenting on the main thread left the GPU idle between steps). A batch is used only for the
+    (step, pseudo-mask version) it was drawn for, else drawn again, so results equal drawing in place."""
+
+    def __init__(self, draw: Callable[[int, int], Batch], enabled: bool = True):
+        self._draw = draw
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="mnsegment-batch") if enabled else None
+        self._pending: tuple[tuple[int, int], Future] | None = None
+
+    def ahead(self, step: int, masks_version: int) -> None:
+        if self._pool is not None:
+            self.drop()
+            self._pending = (step, masks_version), self._pool.submit(self._draw, step, masks_version)
+
+    def take(self, step: int, masks_version: int) -> Batch:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            batch = pending[1].result()  # re-raises an error of the background thread here
+            if pending[0] == (step, masks_version):
+                return batch
+        return self._draw(step, masks_version)
+
+    def drop(self) -> None:
+        """Waits for a batch being drawn and forgets it."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            wait([pending[1]])
+
+    def close(self) -> None:
+        self.drop()
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
+def refresh_steps(config: dict) -> list[int]:
+    """The start of stage 2 and the ``train.refresh_at`` shares of all steps that fall in stage 2."""
+    total, stage2, _ = stage_bounds(config)
+    points = {stage2} | {round(f * total) for f in config["train"]["refresh_at"]}
+    return sorted(p for p in points if stage2 <= p < total)
+
+
 def dice_scores(prediction: np.ndarray, label: np.ndarray, num_classes: int) -> list[float]:
     """Foreground Dice per class on index arrays (a quick in-training check, not the reported metric)."""
     scores = []
@@ -55,7 +115,10 @@ def dice_scores(prediction: np.ndarray, label: np.ndarray, num_classes: int) -> 
 
 class Trainer:
     def __init__(self, run_dir: Path, config: dict, plan: Plan, datalist: Datalist, device: torch.device,
-                 events: Events, stop: threading.Event | None = None):
+                 events: Events, stop: threading.Event | None = None,
+                 pretrained2d: tuple[dict[str, torch.Tensor], str] | None = None):
+        """``pretrained2d``: the 2D encoder's starting tensors and their description, already loaded (by
+        :func:`workflow.check_networks`); without it the weights are read here. Unused when resuming."""
         self.run_dir, self.config, self.plan, self.device = run_dir, config, plan, device
         self.events = events
         self.stop = stop or threading.Event()
@@ -63,10 +126,8 @@ class Trainer:
         self.seed = int(config["seed"])
         self.total, self.stage2, self.warmup = stage_bounds(config)
         self.amp = amp_for(device, config["train"]["amp"])
+        configure_kernels(device, config["train"]["deterministic"])
         torch.manual_seed(self.seed)
-        if device.type == "cuda":  # reproducible kernels (warn, don't fail, where CUDA has none)
-            torch.backends.cudnn.benchmark = False
-            torch.use_deterministic_algorithms(True, warn_only=True)
 
         cache = run_dir / "cache"
         labeled = [load_cached(cache, c) for c in datalist.labeled]
@@ -79,8 +140,13 @@ class Trainer:
                                       s["patch_size"], s["foreground_fraction"], s["scale_jitter"],
                                       s["intensity_aug"])
 
-        load_pretrained = not (run_dir / CHECKPOINT).exists()
-        self.model2d, self.weights_2d = build_model2d(config["model2d"], self.num_classes, load_pretrained)
+        fresh = not (run_dir / CHECKPOINT).exists()
+        self.model2d, self.weights_2d = build_model2d(config["model2d"], self.num_classes,
+                                                      fresh and pretrained2d is None)
+        if fresh and pretrained2d is not None:
+            encoder, self.weights_2d = pretrained2d
+            unexpected = self.model2d.load_state_dict(encoder, strict=False).unexpected_keys
+            assert not unexpected, f"pretrained2d holds tensors this 2D network lacks: {unexpected[:3]}"
         self.model3d = build_model3d(config["model3d"], self.num_classes)
         self.model2d.to(device)
         self.model3d.to(device)
@@ -89,14 +155,18 @@ class Trainer:
                                        weight_decay=t["weight_decay"])
         self.opt3d = torch.optim.AdamW([p for p in self.model3d.parameters() if p.requires_grad], lr=t["lr_3d"],
                                        weight_decay=t["weight_decay"])
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp.use_scaler)
+        # One loss scale per network: an overflow in one network's float16 gradients must not shrink the other's.
+        self.scalers = {net: torch.amp.GradScaler(device.type, enabled=self.amp.use_scaler) for net in ("2d", "3d")}
         self.micro_batch = int(config["train"]["micro_batch"] or config["sampling"]["batch_size"])
         self.step = 0
         self.history: list[dict] = []
         self.masks_version = -1  # which refresh point the pseudo-masks on disk belong to
         self._progress: dict | None = None  # the last progress event's fields
         self._last_event = self._last_log = 0.0
-        if not load_pretrained:
+        # (seconds waiting for the batch, seconds of the whole step) of each step run() made in this process
+        self.timings: list[tuple[float, float]] = []
+        if not fresh:
+            checkpoint.remove_partial(run_dir / CHECKPOINT)
             self._load_checkpoint()
 
     # -- set-up ---------------------------------------------------------------------------------------------
@@ -106,34 +176,48 @@ class Trainer:
         self.model3d.load_state_dict(state["model3d"])
         self.opt2d.load_state_dict(state["opt2d"])
         self.opt3d.load_state_dict(state["opt3d"])
-        self.scaler.load_state_dict(state["scaler"])
+        for net, scaler in self.scalers.items():  # checkpoints before per-network scalers had one "scaler"
+            saved = state.get(f"scaler{net}", state.get("scaler"))
+            if saved and scaler.is_enabled():  # empty when saved without loss scaling (CPU, bfloat16)
+                scaler.load_state_dict(saved)
         self.step, self.history = state["step"], state["history"]
         self.masks_version = state["masks_version"]
         self.weights_2d = state.get("weights_2d", self.weights_2d)
+        # an out-of-memory back-off is kept: the accumulation order, hence the exact result, depends on it
+        self.micro_batch = state.get("micro_batch", self.micro_batch)
         if self.masks_version >= 0:
-            self.unlabeled.set_masks([np.load(self._mask_path(i)) for i in range(len(self.unlabeled_images))])
+            paths = [self._mask_path(self.masks_version, i) for i in range(len(self.unlabeled_images))]
+            if all(p.exists() for p in paths):
+                self.unlabeled.set_masks([np.load(p) for p in paths])
+            else:  # a run folder from before versioned masks: recompute them from the checkpoint's model
+                self.masks_version = -1
         log.info("resuming at step %d of %d", self.step, self.total)
 
     def save_checkpoint(self) -> Path:
         path = checkpoint.save_atomic({
             "step": self.step, "model2d": self.model2d.state_dict(), "model3d": self.model3d.state_dict(),
             "opt2d": self.opt2d.state_dict(), "opt3d": self.opt3d.state_dict(),
-            "scaler": self.scaler.state_dict(), "history": self.history, "masks_version": self.masks_version,
+            "scaler2d": self.scalers["2d"].state_dict(), "scaler3d": self.scalers["3d"].state_dict(),
+            "history": self.history, "masks_version": self.masks_version, "micro_batch": self.micro_batch,
             "weights_2d": self.weights_2d,
         }, self.run_dir / CHECKPOINT)
+        for old in (self.run_dir / "pseudo").glob("v*"):  # only the version the checkpoint names is needed now
+            if old.name != f"v{self.masks_version}":
+                shutil.rmtree(old, ignore_errors=True)
         self.events.emit("checkpoint", path=str(path), step=self.step)
         return path
 
     # -- pseudo-masks ---------------------------------------------------------------------------------------
-    def _mask_path(self, index: int) -> Path:
-        return self.run_dir / "pseudo" / f"{index:04d}.npy"
+    def _mask_path(self, version: int, index: int) -> Path:
+        """Each refresh writes a new version: the one the last checkpoint names stays intact until a newer
+        checkpoint replaces it, so a run killed after a refresh resumes with the masks it had then."""
+        return self.run_dir / "pseudo" / f"v{version}" / f"{index:04d}.npy"
 
     def refresh_points(self) -> list[int]:
         """Steps at which the 3D model re-predicts the unlabeled volumes (start of stage 2, then refresh_at)."""
-        if self.config["lrg"]["mode"] == "off":
+        if self.config["lrg"]["mode"] == "off" or not self.unlabeled_images:
             return []  # no unlabeled patch is ever drawn
-        points = {self.stage2} | {round(f * self.total) for f in self.config["train"]["refresh_at"]}
-        return sorted(p for p in points if self.stage2 <= p < self.total)
+        return refresh_steps(self.config)
 
     def _predict_volume(self, array: np.ndarray) -> np.ndarray:
         """Hard 3D-network prediction of a preprocessed volume (pseudo-masks and validation)."""
@@ -159,8 +243,12 @@ class Trainer:
                 return  # the caller saves a checkpoint; masks are recomputed on resume
             masks.append(self._predict_volume(array))
             self._report(activity=f"pseudo-masks {i + 1}/{len(self.unlabeled_images)}")
-            self._mask_path(i).parent.mkdir(exist_ok=True)
-            np.save(self._mask_path(i), masks[-1])
+            path = self._mask_path(version, i)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                np.save(path, masks[-1])
+            except OSError as err:  # this version is not named by any checkpoint yet: no harm done
+                raise write_failed(path, err) from None
         self.unlabeled.set_masks(masks)
         self.masks_version = version
         log.info("pseudo-masks of %d unlabeled volumes refreshed in %.1f s", len(masks),
@@ -189,8 +277,9 @@ class Trainer:
                         recompute=True)
 
     def _train_student(self, network: str, x_l: torch.Tensor, y_l: torch.Tensor | None, x_u: torch.Tensor,
-                       x_teacher: torch.Tensor) -> float:
-        """One optimiser step of ``network``; on CUDA out-of-memory, retries with half the micro-batch."""
+                       x_teacher: torch.Tensor) -> torch.Tensor:
+        """One optimiser step of ``network``, returning its loss (on the device); on CUDA out-of-memory, retries
+        with half the micro-batch."""
         while True:
             try:
                 return self._accumulate(network, x_l, y_l, x_u, x_teacher)
@@ -198,10 +287,12 @@ class Trainer:
                 if self.micro_batch == 1:
                     raise InputError("out of GPU memory even with one patch at a time; reduce "
                                      "sampling.patch_size or model2d.chunk_slices, or use --device cpu") from None
-                self.micro_batch = max(1, self.micro_batch // 2)
-                torch.cuda.empty_cache()
-                log.warning("out of GPU memory: continuing with micro-batches of %d patches", self.micro_batch)
-                self.events.emit("warning", message=f"out of GPU memory; micro-batch reduced to {self.micro_batch}")
+            # Out of the except block: its traceback, which holds the failed step's tensors, is gone, so their
+            # memory can really be released.
+            self.micro_batch = max(1, self.micro_batch // 2)
+            torch.cuda.empty_cache()
+            log.warning("out of GPU memory: continuing with micro-batches of %d patches", self.micro_batch)
+            self.events.emit("warning", message=f"out of GPU memory; micro-batch reduced to {self.micro_batch}")
 
     @torch.no_grad()
     def _teacher_targets(self, teacher: str, x: torch.Tensor) -> torch.Tensor:
@@ -216,7 +307,7 @@ class Trainer:
         return torch.softmax(logits / temperature, 1)
 
     def _accumulate(self, network: str, x_l: torch.Tensor, y_l: torch.Tensor | None, x_u: torch.Tensor,
-                    x_teacher: torch.Tensor) -> float:
+                    x_teacher: torch.Tensor) -> torch.Tensor:
         """Loss and gradients over the batch in micro-batches. The loss is a mean of per-sample terms, so
         weighting each micro-batch by its share of the batch gives the full-batch gradient: exact as long as no
         network normalises with batch statistics (the 2D network never does, see models2d.SliceSegmenter; the
@@ -224,11 +315,12 @@ class Trainer:
         approximate). ``x_teacher`` is
         what the teacher sees of each unlabeled patch in ``x_u`` (the same tensor, or its un-augmented crop)."""
         optimizer = self.opt2d if network == "2d" else self.opt3d
+        scaler = self.scalers[network]
         teacher = "3d" if network == "2d" else "2d"
         x = torch.cat([x_l, x_u]) if len(x_u) else x_l
         n_labeled = len(x_l)
         optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        total = torch.zeros((), device=self.device)  # on the device: no host sync per micro-batch
         for start in range(0, len(x), self.micro_batch):
             part = slice(start, min(start + self.micro_batch, len(x)))
             with torch.autocast(self.device.type, dtype=self.amp.dtype, enabled=self.amp.dtype is not None):
@@ -240,20 +332,19 @@ class Trainer:
                     targets.append(self._teacher_targets(teacher, unlabeled))
                 loss = dice_kl_loss(self._forward(network, x[part]), torch.cat(targets))
                 loss = loss * (part.stop - start) / len(x)
-            self.scaler.scale(loss).backward()
-            total += float(loss.detach())
-        self.scaler.step(optimizer)
-        self.scaler.update()
+            scaler.scale(loss).backward()
+            total += loss.detach().float()
+        scaler.step(optimizer)
+        scaler.update()
         return total
 
-    def train_step(self) -> dict:
-        step, t, lrg = self.step, self.config["train"], self.config["lrg"]
+    def draw_batch(self, step: int, masks_version: int) -> Batch:
+        """Everything random about step ``step``'s batch, from (seed, step) alone; the unlabeled crops also
+        depend on the pseudo-masks (``masks_version`` names them). Runs on the prefetch thread: CPU only."""
+        lrg = self.config["lrg"]
         factor = lr_factor(step, self.total, self.stage2, self.warmup)
-        for optimizer, peak in ((self.opt2d, t["lr_2d"]), (self.opt3d, t["lr_3d"])):
-            for group in optimizer.param_groups:
-                group["lr"] = peak * factor
         rng = step_rng(self.seed, step, 0)
-        torch.manual_seed(int(rng.integers(2**62)))  # dropout etc.: also a function of (seed, step)
+        torch_seed = int(rng.integers(2**62))  # dropout etc.: also a function of (seed, step)
         share = unlabeled_share(lrg["mode"], step, self.stage2, self.total, factor, 1.0, lrg["share"], lrg["cap"])
         if not len(self.unlabeled):
             share = 0.0
@@ -264,18 +355,39 @@ class Trainer:
         n_labeled = batch if lrg["unlabeled"] == "add" else batch - n_unlabeled
         x_l, y_l = self.labeled.sample(n_labeled, rng)
         x_clean, _ = self.unlabeled.crop(n_unlabeled, rng)
-        x_l, x_u = x_l.to(self.device), self.unlabeled.augment_batch(x_clean, rng).to(self.device)
-        x_teacher = x_clean.to(self.device) if self.config["teacher"]["input"] == "clean" else x_u  # one copy
-        y_l = y_l.to(self.device) if y_l is not None else None
+        x_u = self.unlabeled.augment_batch(x_clean, rng)
+        x_clean = x_clean if self.config["teacher"]["input"] == "clean" else None
+        if self.device.type == "cuda":  # page-locked, so the copy to the GPU can overlap with computation
+            x_l, y_l, x_u, x_clean = (t.pin_memory() if t is not None else None for t in (x_l, y_l, x_u, x_clean))
+        return Batch(step, masks_version, torch_seed, x_l, y_l, x_u, x_clean)
+
+    def train_step(self, batch: Batch | None = None) -> dict:
+        """One step at ``self.step``; ``batch`` is that step's :meth:`draw_batch` (drawn here if not given)."""
+        step, t = self.step, self.config["train"]
+        batch = batch or self.draw_batch(step, self.masks_version)
+        assert batch.step == step, f"batch of step {batch.step} given at step {step}"
+        factor = lr_factor(step, self.total, self.stage2, self.warmup)
+        for optimizer, peak in ((self.opt2d, t["lr_2d"]), (self.opt3d, t["lr_3d"])):
+            for group in optimizer.param_groups:
+                group["lr"] = peak * factor
+        torch.manual_seed(batch.torch_seed)
+
+        def to_device(x: torch.Tensor | None) -> torch.Tensor | None:
+            return x.to(self.device, non_blocking=True) if x is not None else None
+
+        x_l, y_l, x_u = to_device(batch.x_l), to_device(batch.y_l), to_device(batch.x_u)
+        x_teacher = to_device(batch.x_clean) if batch.x_clean is not None else x_u  # one copy
         train_2d, train_3d = self._students(step)
-        losses = {"loss_2d": None, "loss_3d": None}
+        losses = {}
         if train_2d:
             losses["loss_2d"] = self._train_student("2d", x_l, y_l, x_u, x_teacher)
         if train_3d:
             losses["loss_3d"] = self._train_student("3d", x_l, y_l, x_u, x_teacher)
+        values = dict(zip(losses, torch.stack(list(losses.values())).tolist()))  # the step's one host sync
+        n_labeled, n_unlabeled = len(batch.x_l), len(batch.x_u)
         return {"step": step, "stage": "warmup" if step < self.stage2 else "cotrain",
                 "unlabeled_share": n_unlabeled / (n_labeled + n_unlabeled), "lr_2d": t["lr_2d"] * factor,
-                "lr_3d": t["lr_3d"] * factor, **losses}
+                "lr_3d": t["lr_3d"] * factor, "loss_2d": values.get("loss_2d"), "loss_3d": values.get("loss_3d")}
 
     # -- the loop -------------------------------------------------------------------------------------------
     def _report(self, force: bool = False, activity: str | None = None) -> None:
@@ -295,7 +407,6 @@ class Trainer:
 
     def run(self) -> Path:
         """Trains to the end (or raises Cancelled after saving a checkpoint); returns the run folder."""
-        t = self.config["train"]
         refresh = self.refresh_points()
         self.events.emit("start", total_steps=self.total, step=self.step, device=str(self.device),
                          weights_2d=self.weights_2d, stage2_start=self.stage2,
@@ -303,31 +414,43 @@ class Trainer:
         log.info("training on %s: %d labeled, %d unlabeled volumes; 2D %s (%s); %d steps, co-training from %d",
                  self.device, len(self.labeled), len(self.unlabeled), self.config["model2d"]["name"],
                  self.weights_2d, self.total, self.stage2)
-        step_times: list[float] = []
+        prefetch = Prefetcher(self.draw_batch, self.config["train"]["prefetch"])
+        try:
+            self._loop(refresh, prefetch)
+        finally:
+            prefetch.close()
+        self.save_checkpoint()
+        checkpoint.save_atomic({"model2d": self.model2d.state_dict(), "model3d": self.model3d.state_dict()},
+                               self.run_dir / MODEL)
+        return self.run_dir
+
+    def _loop(self, refresh: list[int], prefetch: Prefetcher) -> None:
+        t = self.config["train"]
         while self.step < self.total:
             if self.stop.is_set():
                 self.save_checkpoint()
                 raise Cancelled()
             due = [i for i, p in enumerate(refresh) if p <= self.step]
             if due and due[-1] > self.masks_version:
+                prefetch.drop()  # it may be reading the masks about to be replaced; it is drawn again after
                 self.refresh_masks(due[-1])
                 continue  # re-checks the stop flag before the step
             started = time.monotonic()
-            record = self.train_step()
-            step_times.append(time.monotonic() - started)
+            batch = prefetch.take(self.step, self.masks_version)
+            waited = time.monotonic() - started
+            if self.step + 1 < self.total and self.step + 1 not in refresh:
+                prefetch.ahead(self.step + 1, self.masks_version)  # while this step computes
+            record = self.train_step(batch)
+            self.timings.append((waited, time.monotonic() - started))  # train_step ends with a host sync
             self.step += 1
             if self.step % t["validate_every"] == 0 or self.step == self.total:
                 record["val_dice"] = self.validate()
             self.history.append(record)
-            eta = float(np.mean(step_times[-50:])) * (self.total - self.step)
+            eta = float(np.mean([took for _, took in self.timings[-50:]])) * (self.total - self.step)
             self._progress = {**record, "step": self.step, "total_steps": self.total, "eta_s": eta}
             self._report(force=self.step in (self.stage2, self.total))
             if self.step % t["checkpoint_every"] == 0 and self.step < self.total:
                 self.save_checkpoint()
-        self.save_checkpoint()
-        checkpoint.save_atomic({"model2d": self.model2d.state_dict(), "model3d": self.model3d.state_dict()},
-                               self.run_dir / MODEL)
-        return self.run_dir
 
 
 def _fmt(value: float | None) -> str:

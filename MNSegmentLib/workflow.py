@@ -12,12 +12,12 @@ import SimpleITK as sitk
 import torch
 
 from . import config as configuration
-from .datalist import load_datalist
+from .datalist import Datalist, load_datalist
 from .device import amp_for, resolve_device
 from .errors import Cancelled, InputError
 from .events import Events
 from .inference import predict_files, predictor
-from .io import write_json_atomic
+from .io import writable_folder, write_failed, write_json_atomic
 from .models2d import build_model2d
 from .models3d import build_model3d, check_patch_size
 from .preprocess import Plan, preprocess_datalist
@@ -48,7 +48,9 @@ def train(datalist_path: str | Path, output: str | Path, preset: str = "quick", 
     datalist = load_datalist(datalist_path)
     torch_device = resolve_device(device)
     _fresh_output(output)
-    check_networks(config)
+    writable_folder(output.parent, "--output")
+    _warn_if_labeled_only(datalist, config, events)
+    pretrained2d = check_networks(config)
     # Everything is prepared in a hidden sibling folder and renamed at the end: an error or a cancel during
     # preprocessing leaves no half-made run folder behind.
     partial = output.parent / f".{output.name}.partial-{os.getpid()}"
@@ -56,7 +58,10 @@ def train(datalist_path: str | Path, output: str | Path, preset: str = "quick", 
         log.info("checking and preprocessing %d labeled, %d unlabeled volumes", len(datalist.labeled),
                  len(datalist.unlabeled))
         stop = stop or threading.Event()
-        plan = preprocess_datalist(datalist, config, partial / "cache", stop.is_set)
+        try:
+            plan = preprocess_datalist(datalist, config, partial / "cache", stop.is_set)
+        except OSError as err:  # inputs are read through SimpleITK (InputError); this is the cache's writing
+            raise write_failed(output / "cache", err) from None
         if stop.is_set():
             raise Cancelled()
         config["device"] = device
@@ -70,14 +75,32 @@ def train(datalist_path: str | Path, output: str | Path, preset: str = "quick", 
         shutil.rmtree(partial, ignore_errors=True)
     log.info("plan: spacing %s mm, %s normalisation, classes %s", plan.target_spacing, plan.normalization,
              plan.classes)
-    return _run(output, config, plan, torch_device, events, stop)
+    return _run(output, config, plan, torch_device, events, stop, pretrained2d=pretrained2d)
 
 
-def check_networks(config: dict) -> None:
+def _warn_if_labeled_only(datalist: Datalist, config: dict, events: Events) -> None:
+    """Co-training needs unlabeled volumes; without any, training runs as the labeled-only baseline."""
+    if datalist.unlabeled or config["lrg"]["mode"] == "off":
+        return
+    message = ("no unlabeled volumes: training both networks on the labeled volumes only (no co-training); "
+               "add unlabeled images to the datalist to use M&N")
+    log.warning(message)
+    events.emit("warning", message=message)
+
+
+def check_networks(config: dict) -> tuple[dict[str, torch.Tensor], str]:
     """Builds both networks once before any data is touched, so a wrong backbone, weights file, 3D network or
-    patch size is refused at once, not after preprocessing, and leaves no run folder behind."""
-    build_model2d(config["model2d"], 2)
+    patch size is refused at once, not after preprocessing, and leaves no run folder behind.
+
+    Returns the 2D encoder's tensors and their description for the Trainer, so the pretrained weights are read
+    once. Built under the run's seed, as the Trainer builds its networks, they are exactly the tensors the
+    Trainer would have made itself (LoRA adapters included); the class head is not in them.
+    """
+    torch.manual_seed(int(config["seed"]))
+    model2d, description = build_model2d(config["model2d"], 2)
     check_patch_size(build_model3d(config["model3d"], 2), config["model3d"], config["sampling"]["patch_size"])
+    encoder = {k: v for k, v in model2d.state_dict().items() if k.startswith("encoder.")}
+    return encoder, description
 
 
 def resume(run_dir: str | Path, device: str | None = None, events: Events | None = None,
@@ -89,13 +112,16 @@ def resume(run_dir: str | Path, device: str | None = None, events: Events | None
         raise InputError(f"{run_dir} has finished training already (model.pt exists); nothing to resume")
     plan = Plan.from_json(configuration.load(run_dir / "plan.json"))
     torch_device = resolve_device(device or config.get("device", "auto"))
-    return _run(run_dir, config, plan, torch_device, events or Events(False), stop)
+    return _run(run_dir, config, plan, torch_device, events or Events(False), stop, resuming=True)
 
 
 def _run(run_dir: Path, config: dict, plan: Plan, device: torch.device, events: Events,
-         stop: threading.Event | None) -> Path:
+         stop: threading.Event | None, resuming: bool = False,
+         pretrained2d: tuple[dict[str, torch.Tensor], str] | None = None) -> Path:
     datalist = load_datalist(run_dir / "datalist.json", check_files=False)
-    trainer = Trainer(run_dir, config, plan, datalist, device, events, stop)
+    if resuming:
+        _warn_if_labeled_only(datalist, config, events)
+    trainer = Trainer(run_dir, config, plan, datalist, device, events, stop, pretrained2d)
     trainer.run()
     _write_curves(run_dir, trainer.history, events)
     events.emit("done", model_dir=str(run_dir))
@@ -165,6 +191,7 @@ def predict(model_dir: str | Path, images: list[str | Path], output_dir: str | P
     check_images(paths)
     torch_device = resolve_device(device)
     config, plan, model2d, model3d = load_models(Path(model_dir), torch_device)
+    writable_folder(Path(output_dir), "--output")
     network = network or config["inference"]["network"]
     if network not in ("3d", "2d", "ensemble"):
         raise InputError(f"--network {network}: use 3d, 2d or ensemble")

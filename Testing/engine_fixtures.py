@@ -90,9 +90,23 @@ def cli_env() -> dict:
     return env
 
 
-def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None,
+            file_size_limit: int | None = None) -> subprocess.CompletedProcess:
+    """``file_size_limit``: a full disk, simulated without privileges: the process may not write any file beyond
+    that many bytes (RLIMIT_FSIZE; such writes fail with EFBIG, as on a full disk they fail with ENOSPC)."""
     return subprocess.run(cli_command(*args), capture_output=True, text=True, timeout=timeout, env=cli_env(),
-                          cwd=cwd)
+                          cwd=cwd, preexec_fn=_limit_file_size(file_size_limit) if file_size_limit else None)
+
+
+def _limit_file_size(limit: int):
+    def apply() -> None:
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write with EFBIG instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
 
 
 def parse_events(stdout: str) -> list[dict]:
@@ -118,8 +132,10 @@ def states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool
 # Trained once per pytest session with a real `mnsegment train` subprocess; the CLI tests also train an
 # interrupted+resumed copy with exactly these arguments and compare the weights.
 TRAINED_STEPS = 30
+# Pseudo-masks are refreshed at steps 15 (start of stage 2) and 27; the 3D network trains in between (steps
+# 23-26), so the two versions differ (the kill -9 resume test relies on that).
 TRAINED_SET = {**TINY_SET, "train.steps": TRAINED_STEPS, "train.warmup_fraction": 0.5, "train.lr_3d": 0.005,
-               "train.checkpoint_every": 1000, "sampling.foreground_fraction": 0.7}
+               "train.checkpoint_every": 1000, "sampling.foreground_fraction": 0.7, "train.refresh_at": [0.9]}
 
 _lock = threading.Lock()
 _cache: dict[str, object] = {}

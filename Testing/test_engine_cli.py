@@ -6,6 +6,7 @@ Bad-input cases run concurrently (each is a separate Python process whose start-
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from engine_fixtures import (
     TINY_SET,
     TRAINED_STEPS,
@@ -91,6 +93,46 @@ def _error_cases(root: Path, run) -> dict[str, dict]:
     train_case(cases_value, dl, ["[2]", "classes"])
     cases[cases_value]["names_file"] = str(path)
 
+    # images that are not one scalar 3D volume, as unlabeled images
+    for name, image, expect in (
+            ("image_2d", sitk.Image(32, 32, sitk.sitkFloat32), "is 2D"),
+            ("image_4d", sitk.JoinSeries([sitk.Image(8, 8, 8, sitk.sitkFloat32)] * 2), "is 4D"),
+            ("image_rgb", sitk.Image([16, 16, 8], sitk.sitkVectorFloat32, 3), "3 components per voxel")):
+        dl = dataset(name)
+        path = dl.parent / "images" / "case2.nrrd"
+        sitk.WriteImage(image, str(path))
+        raw = json.loads(dl.read_text())
+        raw["unlabeled"] = [{"image": "images/case2.nrrd"}]
+        dl.write_text(json.dumps(raw))
+        train_case(name, dl, [str(path), expect])
+
+    dl = dataset("same_file_name")
+    (dl.parent / "other").mkdir()
+    shutil.copy(dl.parent / "images" / "case0.nii.gz", dl.parent / "other" / "case0.nii.gz")
+    raw = json.loads(dl.read_text())
+    raw["unlabeled"].append({"image": "other/case0.nii.gz"})
+    dl.write_text(json.dumps(raw))
+    train_case("same_file_name", dl, [str(dl), "['case0']", "distinct file name"])
+
+    dl = dataset("no_labeled")
+    dl.write_text(json.dumps({**json.loads(dl.read_text()), "labeled": []}))
+    train_case("no_labeled", dl, [str(dl), "'labeled' is empty"])
+
+    # NaN/Inf voxels, in NRRD (SimpleITK reads NaN and Inf in NIfTI files as 0 already)
+    dl = dataset("image_not_finite")
+    raw = json.loads(dl.read_text())
+    image = sitk.ReadImage(str(dl.parent / raw["labeled"][0]["image"]))
+    values = sitk.GetArrayFromImage(image)
+    values.flat[[5, 50, 500]] = np.nan
+    values.flat[[7, 70]] = np.inf
+    broken_image = sitk.GetImageFromArray(values)
+    broken_image.CopyInformation(image)
+    image_path = dl.parent / "images" / "case0.nrrd"
+    sitk.WriteImage(broken_image, str(image_path))
+    raw["labeled"][0]["image"] = "images/case0.nrrd"
+    dl.write_text(json.dumps(raw))
+    train_case("image_not_finite", dl, [str(image_path), "3 NaN and 2 infinite voxel(s)", "replace them"])
+
     dl = dataset("unreadable_image")
     image = dl.parent / "images" / "case2.nii.gz"  # the unlabeled one
     image.write_bytes(b"this is not a NIfTI file" * 10)
@@ -106,6 +148,29 @@ def _error_cases(root: Path, run) -> dict[str, dict]:
     train_case("patch_not_divisible", dl, ["sampling.patch_size"], extra=["--set", "sampling.patch_size=[30,30,16]"])
     train_case("output_holds_run", dl, [str(run.run_dir), "already holds a training run", "resume"],
                output=run.run_dir)
+
+    # an output folder that cannot be written (chmod does not stop root: then a system folder)
+    readonly = root / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    unwritable = readonly / "runs" if os.geteuid() != 0 else Path("/sys/mnsegment-test-runs")
+    train_case("unwritable_output", dl, [str(unwritable), "cannot write there", "--output"],
+               output=unwritable / "run")
+    cases["unwritable_output"]["absent"] = [unwritable]
+
+    # the disk fills up (simulated by a file-size limit): while saving a checkpoint, and while writing a prediction
+    full = root / "disk_full_checkpoint" / "run"
+    shutil.copytree(run.run_dir, full, ignore=shutil.ignore_patterns("model.pt", "curves.png"))
+    cases["disk_full_checkpoint"] = {
+        "args": ["resume", str(full), "--events"], "limit": 5 * 2**20,  # checkpoint.pt is larger
+        "expect": [str(full / "checkpoint.pt"), "could not be written", "File too large", "mnsegment resume"],
+        "absent": [full / "model.pt"], "parent": full, "unchanged": full / "checkpoint.pt"}
+    out = root / "disk_full_prediction" / "pred"
+    cases["disk_full_prediction"] = {
+        "args": ["predict", str(run.datalist.parent / "images" / "case0.nii.gz"), "--model", str(run.run_dir),
+                 "--output", str(out), "--device", "cpu", "--events"], "limit": 64,
+        "expect": [str(out / "case0.nii.gz"), "could not be written"], "absent": [out / "case0.nii.gz"],
+        "parent": out}
 
     # predict with a run folder that has no model.pt
     unfinished = root / "unfinished_run"
@@ -135,15 +200,21 @@ def error_runs(tmp_path_factory):
     cases = _error_cases(root, run)
     before = {p.name for p in run.run_dir.iterdir()}
     with ThreadPoolExecutor(max_workers=4) as pool:
-        futures = {name: pool.submit(run_cli, *case["args"], timeout=300) for name, case in cases.items()}
+        unchanged = {name: case["unchanged"].read_bytes() for name, case in cases.items() if "unchanged" in case}
+        futures = {name: pool.submit(run_cli, *case["args"], timeout=300, file_size_limit=case.get("limit"))
+                   for name, case in cases.items()}
         results = {name: future.result() for name, future in futures.items()}
+    for name, content in unchanged.items():
+        cases[name]["unchanged_before"] = content
     return cases, results, run, before
 
 
 ERROR_CASES = ["missing_datalist", "invalid_json", "label_other_grid", "label_fractions", "label_all_zero",
                "label_not_in_classes", "unreadable_image", "unknown_set_key", "invalid_set_value", "bad_device",
                "missing_2d_weights", "patch_not_divisible", "output_holds_run", "predict_no_model",
-               "predict_bad_image"]
+               "predict_bad_image", "image_2d", "image_4d", "image_rgb", "same_file_name", "no_labeled",
+               "image_not_finite", "unwritable_output", "disk_full_checkpoint",
+               "disk_full_prediction"]
 # Bad input found by building the networks (before any data is touched); these once left a run folder behind.
 LEFT_BEHIND = {"missing_2d_weights", "patch_not_divisible"}
 
@@ -167,7 +238,10 @@ def test_bad_input_exits_2_with_one_clear_message(error_runs, name):
     for path in case["absent"]:
         assert not path.exists(), f"{path} was left behind"
     if case["parent"].exists():
-        assert not [p.name for p in case["parent"].iterdir() if ".partial" in p.name or p.name.endswith(".part")]
+        assert not [p.name for p in case["parent"].iterdir() if ".part" in p.name]  # incl. .partial, .part.nii.gz
+    if "unchanged" in case:  # the last good checkpoint is intact and loadable
+        assert case["unchanged"].read_bytes() == case["unchanged_before"]
+        assert torch.load(case["unchanged"], weights_only=True)["step"] == TRAINED_STEPS
     if name == "output_holds_run":
         assert {p.name for p in run.run_dir.iterdir()} == before and (run.run_dir / "model.pt").exists()
 
@@ -305,3 +379,60 @@ def test_corrupted_checkpoint_is_an_internal_error_exit_1(tmp_path_factory):
     events = parse_events(result.stdout)
     assert events[-1]["event"] == "error" and events[-1]["exit_code"] == 1
     assert not (broken / "model.pt").exists()
+
+
+# -- no unlabeled volumes: the labeled-only baseline, said up front ------------------------------------------
+def test_training_without_unlabeled_volumes_finishes_labeled_only_with_a_warning(tmp_path):
+    """Once looped forever at the start of stage 2 (no pseudo-masks to compute, so never 'refreshed')."""
+    datalist = make_dataset(tmp_path / "data", n_labeled=2, n_unlabeled=0)
+    output = tmp_path / "run"
+    result = run_cli("train", str(datalist), "--output", str(output), "--preset", "quick", "--device", "cpu",
+                     "--events", *set_args({**TINY_SET, "train.steps": 4, "train.warmup_fraction": 0.5}),
+                     timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = parse_events(result.stdout)
+    warnings = [e for e in events if e["event"] == "warning"]
+    assert len(warnings) == 1 and "no unlabeled volumes" in warnings[0]["message"]
+    kinds = [e["event"] for e in events]
+    assert kinds.index("warning") < kinds.index("start") and kinds[-1] == "done"
+    # the command line says so before preprocessing starts
+    assert result.stderr.index("no unlabeled volumes") < result.stderr.index("checking and preprocessing")
+    progress = [e for e in events if e["event"] == "progress"]
+    assert progress[-1]["step"] == 4 and all(e["unlabeled_share"] == 0 for e in progress)
+    assert (output / "model.pt").exists() and not (output / "pseudo").exists()
+
+
+# -- kill -9 between a pseudo-mask refresh and the next checkpoint ------------------------------------------
+def test_kill_9_after_a_refresh_then_resume_equals_the_uninterrupted_run(tmp_path_factory):
+    """No chance to save: the run continues from its last periodic checkpoint (step 24), which predates the
+    refresh at step 27. The masks it names must still be on disk as they were: they were once overwritten in
+    place, and steps 24-26 then cropped around the newer masks."""
+    run = trained_run(tmp_path_factory)
+    output = tmp_path_factory.mktemp("kill9") / "run"
+    args = train_args(run.datalist, output) + set_args({"train.checkpoint_every": 24})  # same weights, more saves
+    with open(output.parent / "stdout.txt", "w") as stdout:
+        process = subprocess.Popen(cli_command(*args), stdout=stdout, stderr=subprocess.PIPE, text=True,
+                                   env=cli_env())
+        refreshes = 0
+        try:
+            for line in process.stderr:
+                refreshes += "pseudo-masks of" in line
+                if refreshes == 2:  # refreshed at step 27 (after 15): kill before the final save at step 30
+                    process.send_signal(signal.SIGKILL)
+                    break
+            process.wait(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert process.returncode == -signal.SIGKILL
+    events = parse_events((output.parent / "stdout.txt").read_text())
+    saved = [e["step"] for e in events if e["event"] == "checkpoint"]
+    assert saved == [24] and not (output / "model.pt").exists()
+
+    resumed = run_cli("resume", str(output), "--events", timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert parse_events(resumed.stdout)[0]["step"] == 24
+    assert states_equal(model_state(output), model_state(run.run_dir))
+    assert sorted(p.name for p in (output / "pseudo").iterdir()) == ["v1"]  # older versions are cleaned up
+    assert not list(output.glob("*.part"))

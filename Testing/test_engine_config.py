@@ -16,6 +16,8 @@ from MNSegmentLib.config import (
     validate,
 )
 from MNSegmentLib.errors import InputError
+from MNSegmentLib.schedule import stage_bounds
+from MNSegmentLib.trainer import refresh_steps
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -42,6 +44,19 @@ def test_preset_values():
     assert preset("quick")["train"]["steps"] == 400
     with pytest.raises(InputError, match="unknown preset"):
         preset("fast")
+
+
+def test_paper_preset_matches_the_reference_schedule():
+    """Reference: 4000 epochs of 8 iterations per network, counted separately; stage 1 = 500 epochs with both
+    networks per step, then one network per step, switching every epoch; refreshes at epochs 1000/1500/2000/3000."""
+    config = preset("paper")
+    total, stage2, lr_warmup = stage_bounds(config)
+    assert (total, stage2, lr_warmup) == (60000, 4000, 400)  # 500 + 2 x 3500 epochs of 8; warm-up 50 epochs
+    every = config["train"]["alternate_every"]
+    turns_2d = sum(((step - stage2) // every) % 2 == 0 for step in range(stage2, total))
+    assert every == 8 and turns_2d == total - stage2 - turns_2d == 3500 * 8
+    epoch_steps = [stage2 + (epoch - 500) * 2 * every for epoch in (1000, 1500, 2000, 3000)]
+    assert refresh_steps(config) == [stage2, *epoch_steps] == [4000, 12000, 20000, 28000, 44000]
 
 
 def test_parse_set_args():
@@ -72,7 +87,7 @@ def test_apply_overrides():
     ("model2d.adaptation", "qlora"), ("data.slice_axis", 3), ("inference.network", "4d"),
     ("data.target_spacing", [1, 1]), ("train.warmup_fraction", 0), ("sampling.scale_jitter", 0.7),
     ("lrg.unlabeled", "both"), ("teacher.temperature", -0.5), ("teacher.temperature", "sharp"),
-    ("teacher.input", "raw"),
+    ("teacher.input", "raw"), ("train.deterministic", "yes"), ("train.amp", 1),
 ])
 def test_invalid_values_are_input_errors(key, value):
     with pytest.raises(InputError, match=key.split(".")[0]):
@@ -82,9 +97,11 @@ def test_invalid_values_are_input_errors(key, value):
 def test_run_config_from_an_older_engine_gets_the_new_keys_defaults(tmp_path):
     old = preset("quick")
     del old["teacher"]  # a run folder made before teacher.* existed
+    del old["train"]["deterministic"]
     old["lrg"]["unlabeled"] = "replace"
     (tmp_path / "config.json").write_text(json.dumps(old))
     loaded = load_run_config(tmp_path / "config.json")
     assert loaded["teacher"] == {"temperature": 1.0, "input": "augmented"}  # the behaviour it was trained with
+    assert loaded["train"]["deterministic"] is True and preset("quick")["train"]["deterministic"] is False
     assert loaded["lrg"]["unlabeled"] == "replace" and loaded["model3d"] == old["model3d"]  # its own values win
     validate(loaded)

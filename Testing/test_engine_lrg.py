@@ -107,8 +107,8 @@ def test_schedule_shape():
 
 
 def test_stage_bounds_of_presets():
-    # paper: 4000 epochs x 8 = 32000 steps, stage 2 from epoch 500 (step 4000), LR warm-up 50 epochs (400 steps)
-    assert stage_bounds(preset("paper")) == (32000, 4000, 400)
+    # paper: 500 + 2 x 3500 epochs of 8 = 60000 steps, stage 2 from step 4000, LR warm-up 50 epochs (400 steps)
+    assert stage_bounds(preset("paper")) == (60000, 4000, 400)
     assert stage_bounds(preset("quick")) == (400, 50, 5)
     custom = apply_overrides(preset("quick"), {"train.steps": 40, "train.warmup_fraction": 0.5})
     assert stage_bounds(custom) == (40, 20, 2)

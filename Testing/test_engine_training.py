@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +14,11 @@ import timm
 import torch
 from engine_fixtures import TINY_SET, make_dataset, model_state, states_equal, trained_run
 
-from MNSegmentLib import workflow
+from MNSegmentLib import pretrained, workflow
 from MNSegmentLib.datalist import load_datalist
 from MNSegmentLib.events import Events
 from MNSegmentLib.preprocess import Plan
-from MNSegmentLib.trainer import Trainer
+from MNSegmentLib.trainer import Prefetcher, Trainer
 
 
 # -- the unlabeled branch (stage 2) really drives the student ------------------------------------------------
@@ -125,14 +126,18 @@ def test_lrg_off_never_draws_unlabeled_but_students_alternate(tmp_path, tiny_dat
 
 
 # -- offline 2D weights from a local file --------------------------------------------------------------------
-def test_2d_weights_from_a_local_file(tmp_path, tiny_data):
+def test_2d_weights_from_a_local_file(tmp_path, tiny_data, monkeypatch):
     torch.manual_seed(7)
     encoder = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True)
     weights = tmp_path / "my encoder.pth"
     torch.save(encoder.state_dict(), weights)
+    loads = []  # the file is read once: when the settings are checked, not again by the Trainer
+    original = pretrained.load_encoder_weights
+    monkeypatch.setattr(pretrained, "load_encoder_weights", lambda *a: loads.append(a) or original(*a))
     stream = io.StringIO()
     overrides = {**TINY_SET, "train.steps": 2, "train.warmup_fraction": 1.0, "model2d.weights": str(weights)}
     run = workflow.train(tiny_data, tmp_path / "run", "quick", "cpu", overrides, Events(True, stream))
+    assert len(loads) == 1
     start = json.loads(stream.getvalue().splitlines()[0])
     assert start["event"] == "start" and str(weights) in start["weights_2d"]
     assert json.loads((run / "config.json").read_text())["model2d"]["weights"] == str(weights)
@@ -212,3 +217,52 @@ def test_teacher_sees_the_augmented_patch_or_the_clean_crop(tmp_path_factory, vi
     assert not torch.equal(clean, augmented)  # the augmentation did change this batch
     teacher_input = seen["teacher"][0][1]
     assert torch.equal(teacher_input, clean if view == "clean" else augmented)
+
+
+# -- prefetching the next batch on a background thread -------------------------------------------------------
+def test_prefetching_trains_exactly_as_drawing_in_place_across_refreshes(tmp_path, tiny_data, monkeypatch):
+    """Bit-identical weights and losses with and without prefetch, over pseudo-mask refreshes at steps 2 and 4
+    (the unlabeled crops are centred on those masks: foreground_fraction 1, all-unlabeled batches)."""
+    drawn = []
+    draw = Trainer.draw_batch
+
+    def recording(self, step, masks_version):
+        drawn.append((step, masks_version, threading.current_thread() is threading.main_thread()))
+        return draw(self, step, masks_version)
+
+    monkeypatch.setattr(Trainer, "draw_batch", recording)
+    overrides = {**TINY_SET, "train.steps": 6, "train.warmup_fraction": 0.34, "train.alternate_every": 1,
+                 "train.refresh_at": [0.67], "lrg.mode": "fixed", "lrg.share": 1.0, "lrg.cap": 1.0,
+                 "sampling.foreground_fraction": 1.0}
+    runs, draws = {}, {}
+    for prefetch in (True, False):
+        drawn.clear()
+        runs[prefetch] = workflow.train(tiny_data, tmp_path / f"prefetch_{prefetch}", "quick", "cpu",
+                                        {**overrides, "train.prefetch": prefetch})
+        draws[prefetch] = list(drawn)
+    # every step drawn once, for the masks in force at that step; ahead of time on the background thread except
+    # the first step and the refresh steps (their masks do not exist yet)
+    assert [d[:2] for d in draws[False]] == [(0, -1), (1, -1), (2, 0), (3, 0), (4, 1), (5, 1)]
+    assert draws[True] == [(0, -1, True), (1, -1, False), (2, 0, True), (3, 0, False), (4, 1, True), (5, 1, False)]
+    assert states_equal(model_state(runs[True]), model_state(runs[False]))
+    histories = [torch.load(runs[p] / "checkpoint.pt", weights_only=True)["history"] for p in (True, False)]
+    assert histories[0] == histories[1] and all(r["unlabeled_share"] == 0.5 for r in histories[0][2:])
+
+
+def test_a_prefetched_batch_drawn_for_older_masks_is_drawn_again():
+    calls = []
+
+    def draw(step, masks_version):
+        calls.append((step, masks_version))
+        return (step, masks_version)
+
+    prefetch = Prefetcher(draw)
+    prefetch.ahead(5, 0)
+    assert prefetch.take(5, 1) == (5, 1)  # the masks were refreshed in between
+    prefetch.ahead(6, 1)
+    assert prefetch.take(6, 1) == (6, 1)
+    prefetch.close()
+    assert calls == [(5, 0), (5, 1), (6, 1)]
+    in_place = Prefetcher(draw, enabled=False)
+    in_place.ahead(7, 1)  # nothing is drawn ahead
+    assert in_place.take(7, 1) == (7, 1) and calls[-1] == (7, 1) and len(calls) == 4

@@ -8,6 +8,7 @@ per-sample terms). The out-of-memory path is driven by a stand-in for a small GP
 from __future__ import annotations
 
 import copy
+import sys
 import threading
 
 import numpy as np
@@ -93,10 +94,13 @@ class SmallGpuStandIn(torch.nn.Module):
         return self.network(x)
 
 
-def test_out_of_memory_halves_the_micro_batch_and_keeps_the_update(trainer: Trainer) -> None:
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_update(trainer: Trainer, monkeypatch) -> None:
     expected = _update(trainer, 2)
     small_gpu = SmallGpuStandIn(trainer.model3d)
+    in_except = []  # the cache is emptied once the failed step's traceback (and its tensors) is released
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: in_except.append(sys.exc_info()[0] is not None))
     got = _update(trainer, 4, small_gpu)
+    assert in_except == [False]
     assert trainer.micro_batch == 2
     assert small_gpu.largest_batch == 2
     assert _max_difference(got, expected) < 1e-5
@@ -112,3 +116,48 @@ def test_out_of_memory_with_one_patch_is_a_clear_error(trainer: Trainer) -> None
     with pytest.raises(InputError, match="patch_size"):
         _update(trainer, 1, NoMemory())
     assert np.isfinite(sum(float(v.float().sum()) for v in trainer.model3d.state_dict().values()))
+
+
+def test_each_network_has_its_own_loss_scale(trainer: Trainer, monkeypatch) -> None:
+    """float16 loss scaling (enabled here on the CPU; on a GPU it is used where bfloat16 is not native): an
+    overflow in the 2D network's gradients halves the 2D scale only."""
+    from MNSegmentLib import trainer as trainer_module
+    from MNSegmentLib.device import AmpPolicy
+
+    monkeypatch.setattr(trainer_module, "amp_for", lambda device, enabled: AmpPolicy(None, True))
+    run = trainer.run_dir
+    scaled = Trainer(run, trainer.config, trainer.plan, load_datalist(run / "datalist.json"), torch.device("cpu"),
+                     Events(False), threading.Event())
+    initial = {net: scaler.get_scale() for net, scaler in scaled.scalers.items()}
+    assert all(scaler.is_enabled() for scaler in scaled.scalers.values())
+    forward = scaled._forward
+
+    def overflowing_2d(network, x):
+        out = forward(network, x)
+        return out * float("inf") if network == "2d" and torch.is_grad_enabled() else out
+
+    scaled._forward = overflowing_2d
+    batch = _batch(scaled)
+    before = {k: v.detach().clone() for k, v in scaled.model2d.named_parameters()}
+    scaled._train_student("2d", *batch)
+    scaled._train_student("3d", *batch)
+    assert scaled.scalers["2d"].get_scale() == initial["2d"] / 2  # the step was skipped and the scale halved
+    assert scaled.scalers["3d"].get_scale() == initial["3d"]
+    assert all(torch.equal(before[k], v) for k, v in scaled.model2d.named_parameters())  # no optimiser step
+
+
+def test_a_reduced_micro_batch_is_kept_across_resume(trainer: Trainer, tmp_path) -> None:
+    """The accumulation order (hence the exact weights) depends on the micro-batch: a run that backed off after
+    an out-of-memory error resumes with the reduced one."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trainer.run_dir, run)
+    copy_ = Trainer(run, trainer.config, trainer.plan, load_datalist(run / "datalist.json"), torch.device("cpu"),
+                    Events(False), threading.Event())
+    assert copy_.micro_batch == 4
+    copy_.micro_batch = 1  # as after two back-offs
+    copy_.save_checkpoint()
+    resumed = Trainer(run, trainer.config, trainer.plan, load_datalist(run / "datalist.json"), torch.device("cpu"),
+                      Events(False), threading.Event())
+    assert resumed.micro_batch == 1

@@ -208,8 +208,10 @@ def worker(args: argparse.Namespace) -> dict:
         "params_2d": sum(p.numel() for p in trainer.model2d.parameters()),
         "params_2d_trainable": sum(p.numel() for p in trainer.model2d.parameters() if p.requires_grad),
         "params_3d": sum(p.numel() for p in trainer.model3d.parameters()),
-        "kinds": results,
+        "kinds": results, "engine": engine_version(),
     }
+    if args.loop:
+        out["loop"] = loop(args, cfg, datalist, work, device)
     if args.torch_profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -221,6 +223,37 @@ def worker(args: argparse.Namespace) -> dict:
                                           row_limit=25)
         (Path(args.out) / f"torch_profile_{args.preset}_{args.device}_t{args.threads}.txt").write_text(table)
     return out
+
+
+def loop(args: argparse.Namespace, cfg: dict, datalist, work: Path, device) -> dict:
+    """``Trainer.run`` for ``--loop`` steps from scratch (half stage 1, half stage 2): the whole loop, batch
+    preparation included, as a user runs it. The wall time includes one pseudo-mask refresh (at stage 2) and the
+    final checkpoint and model saves; the same for any engine version, so runs of two versions compare."""
+    import copy
+
+    from MNSegmentLib.events import Events
+    from MNSegmentLib.preprocess import preprocess_datalist
+    from MNSegmentLib.trainer import Trainer
+
+    cfg = copy.deepcopy(cfg)
+    cfg["train"].update(steps=args.loop, warmup_fraction=0.5, checkpoint_every=10**6, validate_every=10**6)
+    run_dir = work / "loop_run"
+    plan = preprocess_datalist(datalist, cfg, run_dir / "cache")
+    trainer = Trainer(run_dir, cfg, plan, datalist, device, Events(False))
+    t0 = time.perf_counter()
+    trainer.run()
+    wall = time.perf_counter() - t0
+    return {"steps": args.loop, "wall_s": round(wall, 2), "steps_per_s": args.loop / wall}
+
+
+def engine_version() -> str:
+    """Which MNSegmentLib the worker imported (PYTHONPATH decides), and its git commit."""
+    import MNSegmentLib
+
+    folder = Path(MNSegmentLib.__file__).parent
+    commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    return f"{folder} @ {commit or 'unknown'}"
 
 
 # ---------------------------------------------------------------------------------------------- driver side
@@ -272,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="presets run with every --threads value; the others only with the first")
     p.add_argument("--no-warmup", action="store_true", help="no untimed warm-up step per step kind")
     p.add_argument("--torch-profile", action="store_true", help="also write a torch.profiler table per preset")
+    p.add_argument("--loop", type=int, default=0,
+                   help="also time Trainer.run for this many steps (the whole loop, batch preparation included)")
     p.add_argument("--out", default="benchmarks/out/speed")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--preset", help=argparse.SUPPRESS)
@@ -299,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
                 cmd += ["--batch", str(batches[preset])]
             if args.torch_profile:
                 cmd.append("--torch-profile")
+            if args.loop:
+                cmd += ["--loop", str(args.loop)]
             env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
             t0 = time.time()
             print(f"[{time.strftime('%H:%M:%S')}] {preset} threads={threads} ...", flush=True)
@@ -312,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"  done in {row['wall_s']} s: " + ", ".join(
                 f"{k} {v['s_per_step']:.2f} s/step" for k, v in row["kinds"].items())
-                + f", peak RSS {row['peak_rss_mb'] / 1024:.2f} GB", flush=True)
+                + f", peak RSS {row['peak_rss_mb'] / 1024:.2f} GB"
+                + (f", loop {row['loop']['steps_per_s']:.3f} steps/s" if "loop" in row else "")
+                + f" [{row['engine']}]", flush=True)
             (out / "speed.json").write_text(json.dumps(
                 {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv),
                  "machine": machine(), "rows": rows, "elapsed_s": round(time.time() - started, 1)}, indent=1))
