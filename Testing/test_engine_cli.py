@@ -157,6 +157,11 @@ def _error_cases(root: Path, run) -> dict[str, dict]:
     train_case("unwritable_output", dl, [str(unwritable), "cannot write there", "--output"],
                output=unwritable / "run")
     cases["unwritable_output"]["absent"] = [unwritable]
+    cases["predict_unwritable_output"] = {
+        "args": ["predict", str(run.datalist.parent / "images" / "case0.nii.gz"), "--model", str(run.run_dir),
+                 "--output", str(unwritable / "pred"), "--device", "cpu", "--events"],
+        "expect": [str(unwritable / "pred"), "cannot write there", "--output"], "absent": [unwritable],
+        "parent": readonly}
 
     # the disk fills up (simulated by a file-size limit): while saving a checkpoint, and while writing a prediction
     full = root / "disk_full_checkpoint" / "run"
@@ -213,7 +218,7 @@ ERROR_CASES = ["missing_datalist", "invalid_json", "label_other_grid", "label_fr
                "label_not_in_classes", "unreadable_image", "unknown_set_key", "invalid_set_value", "bad_device",
                "missing_2d_weights", "patch_not_divisible", "output_holds_run", "predict_no_model",
                "predict_bad_image", "image_2d", "image_4d", "image_rgb", "same_file_name", "no_labeled",
-               "image_not_finite", "unwritable_output", "disk_full_checkpoint",
+               "image_not_finite", "unwritable_output", "predict_unwritable_output", "disk_full_checkpoint",
                "disk_full_prediction"]
 # Bad input found by building the networks (before any data is touched); these once left a run folder behind.
 LEFT_BEHIND = {"missing_2d_weights", "patch_not_divisible"}
