@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a configuration value, e.g. --set train.steps=2000 (repeatable)")
+    train.add_argument("--init-from", type=Path, default=None, metavar="RUN",
+                       help="start from the networks of a finished run folder (e.g. after adding labels) "
+                            "instead of from scratch; default train.steps: a quarter of RUN's")
     train.add_argument("--events", action="store_true", help="JSON events on stdout, logs on stderr")
 
     resume = commands.add_parser("resume", help="continue an interrupted training run")
@@ -123,7 +126,7 @@ def run(args: argparse.Namespace, events: Events, stop: threading.Event) -> int:
 
     if args.command == "train":
         workflow.train(args.datalist, args.output, args.preset, args.device, parse_set_args(args.overrides),
-                       events, stop)
+                       events, stop, init_from=args.init_from)
     elif args.command == "resume":
         workflow.resume(args.run_dir, args.device, events, stop)
     elif args.command == "predict":
