@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .errors import Cancelled, InputError
 from .events import Events
+from .progressbar import terminal_progress
 
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGBREAK")  # those this platform has are handled
@@ -161,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     _install_signal_handlers(stop)
     _watch_stop_file(stop)
     try:
-        return run(args, events, stop)
+        with terminal_progress(events, wanted=not use_events):  # a bar on a terminal; log lines otherwise
+            return run(args, events, stop)
     except InputError as err:
         print(f"mnsegment: error: {err}", file=sys.stderr)
         events.emit("error", message=str(err), exit_code=EXIT_INPUT)

@@ -34,6 +34,7 @@ from .models2d import build_model2d
 from .models3d import build_model3d
 from .preprocess import Plan, load_cached
 from .sampling import PatchSampler
+from .scalars import Scalars
 from .schedule import lr_factor, stage_bounds
 from .slicing import apply_2d
 
@@ -175,6 +176,7 @@ class Trainer:
         if not fresh:
             checkpoint.remove_partial(run_dir / CHECKPOINT)
             self._load_checkpoint()
+        self.scalars = Scalars(run_dir, written=len(self.history))
 
     # -- set-up ---------------------------------------------------------------------------------------------
     def _load_checkpoint(self) -> None:
@@ -398,12 +400,14 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------------------
     def _report(self, force: bool = False, activity: str | None = None) -> None:
-        """A progress event at most every second (and a log line every ten), from steps and long pauses alike."""
+        """A progress event and the new TensorBoard scalars at most every second (and a log line every ten),
+        from steps and long pauses alike."""
         now = time.monotonic()
         if self._progress is None or not (force or now - self._last_event >= 1.0):
             return
         extra = {"activity": activity} if activity else {}
         self.events.emit("progress", **self._progress, **extra)
+        self.scalars.write(self.history, self.timings)
         self._last_event = now
         if force or now - self._last_log >= 10:
             p = self._progress
@@ -427,6 +431,7 @@ class Trainer:
             self._loop(refresh, prefetch)
         finally:
             prefetch.close()
+            self.scalars.close(self.history, self.timings)
         self.save_checkpoint()
         checkpoint.save_atomic({"model2d": self.model2d.state_dict(), "model3d": self.model3d.state_dict()},
                                self.run_dir / MODEL)
