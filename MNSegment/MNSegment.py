@@ -185,6 +185,7 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.unlabeledList.itemChanged.connect(self.onUnlabeledItemChanged)
         self.ui.trainButton.clicked.connect(self.onTrainOrCancel)
         self.ui.resumeButton.clicked.connect(self.onResume)
+        self.ui.trainMoreButton.clicked.connect(self.onTrainMore)
         self.ui.segmentButton.clicked.connect(self.onSegment)
         self.ui.outputPathLineEdit.currentPathChanged.connect(lambda path: self._setParameter("outputFolder", path))
         self.ui.modelPathLineEdit.currentPathChanged.connect(lambda path: self._setParameter("modelFolder", path))
@@ -407,6 +408,20 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
             self.startMonitoring(job, _("Training"))
 
+    def onTrainMore(self) -> None:
+        """A new job (new folder) whose networks start from the finished training in the output folder."""
+        with slicer.util.tryWithErrorDisplay(_("Training could not start."), waitCursor=True):
+            p = self._parameterNode
+            if not p.outputFolder:
+                raise ValueError(_("Choose the output folder of the finished training to continue from."))
+            self.ui.logTextEdit.clear()
+            job = self.logic.train(
+                self.labeledPairs(), self.checkedVolumes(), init_from=p.outputFolder, preset=p.preset,
+                device=p.device, network=p.network, wait=False,
+                **self._callbacks(), **self.logic.overridesFromParameterNode(p),
+            )
+            self.startMonitoring(job, _("Training more"))
+
     def onResume(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Training could not be resumed."), waitCursor=True):
             folder = self._parameterNode.outputFolder
@@ -510,6 +525,7 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trainButton.text = _("Cancelling...") if cancelling else _("Cancel") if running else _("Train")
         self.ui.trainButton.enabled = (running and not cancelling) or (not running and bool(self.labeledPairs()))
         self.ui.resumeButton.enabled = not running
+        self.ui.trainMoreButton.enabled = not running and bool(self.labeledPairs())
         self.ui.segmentButton.enabled = not running and bool(self.checkedVolumes())
         for widget in (self.ui.labeledCollapsibleButton, self.ui.unlabeledCollapsibleButton,
                        self.ui.settingsCollapsibleButton, self.ui.segmentCollapsibleButton):

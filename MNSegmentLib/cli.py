@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .errors import Cancelled, InputError
 from .events import Events
+from .progressbar import terminal_progress
 
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGBREAK")  # those this platform has are handled
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a configuration value, e.g. --set train.steps=2000 (repeatable)")
+    train.add_argument("--init-from", type=Path, default=None, metavar="RUN",
+                       help="start from the networks of a finished run folder (e.g. after adding labels) "
+                            "instead of from scratch; default train.steps: a quarter of RUN's")
     train.add_argument("--events", action="store_true", help="JSON events on stdout, logs on stderr")
 
     resume = commands.add_parser("resume", help="continue an interrupted training run")
@@ -123,7 +127,7 @@ def run(args: argparse.Namespace, events: Events, stop: threading.Event) -> int:
 
     if args.command == "train":
         workflow.train(args.datalist, args.output, args.preset, args.device, parse_set_args(args.overrides),
-                       events, stop)
+                       events, stop, init_from=args.init_from)
     elif args.command == "resume":
         workflow.resume(args.run_dir, args.device, events, stop)
     elif args.command == "predict":
@@ -158,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     _install_signal_handlers(stop)
     _watch_stop_file(stop)
     try:
-        return run(args, events, stop)
+        with terminal_progress(events, wanted=not use_events):  # a bar on a terminal; log lines otherwise
+            return run(args, events, stop)
     except InputError as err:
         print(f"mnsegment: error: {err}", file=sys.stderr)
         events.emit("error", message=str(err), exit_code=EXIT_INPUT)

@@ -34,6 +34,7 @@ from .models2d import build_model2d
 from .models3d import build_model3d
 from .preprocess import Plan, load_cached
 from .sampling import PatchSampler
+from .scalars import Scalars
 from .schedule import lr_factor, stage_bounds
 from .slicing import apply_2d
 
@@ -116,9 +117,11 @@ def dice_scores(prediction: np.ndarray, label: np.ndarray, num_classes: int) -> 
 class Trainer:
     def __init__(self, run_dir: Path, config: dict, plan: Plan, datalist: Datalist, device: torch.device,
                  events: Events, stop: threading.Event | None = None,
-                 pretrained2d: tuple[dict[str, torch.Tensor], str] | None = None):
+                 pretrained2d: tuple[dict[str, torch.Tensor], str] | None = None,
+                 initial: dict[str, dict[str, torch.Tensor]] | None = None):
         """``pretrained2d``: the 2D encoder's starting tensors and their description, already loaded (by
-        :func:`workflow.check_networks`); without it the weights are read here. Unused when resuming."""
+        :func:`workflow.check_networks`); without it the weights are read here. ``initial``: both networks'
+        complete starting tensors (``--init-from``), replacing the pretrained ones. Both unused when resuming."""
         self.run_dir, self.config, self.plan, self.device = run_dir, config, plan, device
         self.events = events
         self.stop = stop or threading.Event()
@@ -142,12 +145,17 @@ class Trainer:
 
         fresh = not (run_dir / CHECKPOINT).exists()
         self.model2d, self.weights_2d = build_model2d(config["model2d"], self.num_classes,
-                                                      fresh and pretrained2d is None)
-        if fresh and pretrained2d is not None:
+                                                      fresh and pretrained2d is None and initial is None)
+        if fresh and initial is not None:
+            self.model2d.load_state_dict(initial["model2d"])
+            self.weights_2d = f"from {config['init_from']['run']}"
+        elif fresh and pretrained2d is not None:
             encoder, self.weights_2d = pretrained2d
             unexpected = self.model2d.load_state_dict(encoder, strict=False).unexpected_keys
             assert not unexpected, f"pretrained2d holds tensors this 2D network lacks: {unexpected[:3]}"
         self.model3d = build_model3d(config["model3d"], self.num_classes)
+        if fresh and initial is not None:
+            self.model3d.load_state_dict(initial["model3d"])
         self.model2d.to(device)
         self.model3d.to(device)
         t = config["train"]
@@ -168,6 +176,7 @@ class Trainer:
         if not fresh:
             checkpoint.remove_partial(run_dir / CHECKPOINT)
             self._load_checkpoint()
+        self.scalars = Scalars(run_dir, written=len(self.history))
 
     # -- set-up ---------------------------------------------------------------------------------------------
     def _load_checkpoint(self) -> None:
@@ -391,12 +400,14 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------------------
     def _report(self, force: bool = False, activity: str | None = None) -> None:
-        """A progress event at most every second (and a log line every ten), from steps and long pauses alike."""
+        """A progress event and the new TensorBoard scalars at most every second (and a log line every ten),
+        from steps and long pauses alike."""
         now = time.monotonic()
         if self._progress is None or not (force or now - self._last_event >= 1.0):
             return
         extra = {"activity": activity} if activity else {}
         self.events.emit("progress", **self._progress, **extra)
+        self.scalars.write(self.history, self.timings)
         self._last_event = now
         if force or now - self._last_log >= 10:
             p = self._progress
@@ -410,6 +421,7 @@ class Trainer:
         refresh = self.refresh_points()
         self.events.emit("start", total_steps=self.total, step=self.step, device=str(self.device),
                          weights_2d=self.weights_2d, stage2_start=self.stage2,
+                         init_from=self.config.get("init_from"),
                          labeled=len(self.labeled), unlabeled=len(self.unlabeled))
         log.info("training on %s: %d labeled, %d unlabeled volumes; 2D %s (%s); %d steps, co-training from %d",
                  self.device, len(self.labeled), len(self.unlabeled), self.config["model2d"]["name"],
@@ -419,6 +431,7 @@ class Trainer:
             self._loop(refresh, prefetch)
         finally:
             prefetch.close()
+            self.scalars.close(self.history, self.timings)
         self.save_checkpoint()
         checkpoint.save_atomic({"model2d": self.model2d.state_dict(), "model3d": self.model3d.state_dict()},
                                self.run_dir / MODEL)

@@ -12,6 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from . import config as configuration
+from .continuation import SourceRun, source_of
 from .datalist import Datalist, load_datalist
 from .device import amp_for, resolve_device
 from .errors import Cancelled, InputError
@@ -36,21 +37,33 @@ def _fresh_output(output: Path) -> None:
 
 def train(datalist_path: str | Path, output: str | Path, preset: str = "quick", device: str = "auto",
           overrides: dict | None = None, events: Events | None = None,
-          stop: threading.Event | None = None) -> Path:
+          stop: threading.Event | None = None, init_from: str | Path | None = None) -> Path:
     """Checks and preprocesses everything into a new run folder, then trains. Returns the run folder.
 
+    ``init_from``: a finished run folder whose networks the new run starts from (see :mod:`continuation`).
     Bad input raises InputError before anything is left in ``output``.
     """
     events = events or Events(False)
     output = Path(output).absolute()
-    config = configuration.apply_overrides(configuration.preset(preset), overrides or {})
+    overrides = overrides or {}
+    source = SourceRun.open(init_from) if init_from is not None else None
+    if source is not None:
+        overrides = source.inherited(overrides, steps_set="train.steps" in overrides)
+    config = configuration.apply_overrides(configuration.preset(preset), overrides)
     config["preset"] = preset
     datalist = load_datalist(datalist_path)
     torch_device = resolve_device(device)
     _fresh_output(output)
     writable_folder(output.parent, "--output")
     _warn_if_labeled_only(datalist, config, events)
-    pretrained2d = check_networks(config)
+    if source is not None:
+        source.check_config(config)
+        if datalist.classes:  # known before reading any label map
+            source.check_label_values([0, *sorted(datalist.classes)])
+        initial, pretrained2d = source.check_networks(config), None
+        config["init_from"] = source.record()
+    else:
+        initial, pretrained2d = None, check_networks(config)
     # Everything is prepared in a hidden sibling folder and renamed at the end: an error or a cancel during
     # preprocessing leaves no half-made run folder behind.
     partial = output.parent / f".{output.name}.partial-{os.getpid()}"
@@ -64,6 +77,8 @@ def train(datalist_path: str | Path, output: str | Path, preset: str = "quick", 
             raise write_failed(output / "cache", err) from None
         if stop.is_set():
             raise Cancelled()
+        if source is not None:
+            source.check_label_values(plan.label_values)
         config["device"] = device
         configuration.save(config, partial / "config.json")
         write_json_atomic(partial / "plan.json", plan.to_json())
@@ -75,7 +90,7 @@ def train(datalist_path: str | Path, output: str | Path, preset: str = "quick", 
         shutil.rmtree(partial, ignore_errors=True)
     log.info("plan: spacing %s mm, %s normalisation, classes %s", plan.target_spacing, plan.normalization,
              plan.classes)
-    return _run(output, config, plan, torch_device, events, stop, pretrained2d=pretrained2d)
+    return _run(output, config, plan, torch_device, events, stop, pretrained2d=pretrained2d, initial=initial)
 
 
 def _warn_if_labeled_only(datalist: Datalist, config: dict, events: Events) -> None:
@@ -117,11 +132,15 @@ def resume(run_dir: str | Path, device: str | None = None, events: Events | None
 
 def _run(run_dir: Path, config: dict, plan: Plan, device: torch.device, events: Events,
          stop: threading.Event | None, resuming: bool = False,
-         pretrained2d: tuple[dict[str, torch.Tensor], str] | None = None) -> Path:
+         pretrained2d: tuple[dict[str, torch.Tensor], str] | None = None,
+         initial: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     datalist = load_datalist(run_dir / "datalist.json", check_files=False)
     if resuming:
         _warn_if_labeled_only(datalist, config, events)
-    trainer = Trainer(run_dir, config, plan, datalist, device, events, stop, pretrained2d)
+        source = source_of(config)
+        if source is not None and not (run_dir / CHECKPOINT).exists():  # stopped before its first checkpoint
+            initial = source.load_state()
+    trainer = Trainer(run_dir, config, plan, datalist, device, events, stop, pretrained2d, initial)
     trainer.run()
     _write_curves(run_dir, trainer.history, events)
     events.emit("done", model_dir=str(run_dir))

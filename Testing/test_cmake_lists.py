@@ -171,8 +171,9 @@ def test_ui_file_parses_and_names_parameters(ui):
 
     root = ET.parse(ui).getroot()
     names = {w.get("name") for w in root.iter("widget")}
-    for required in ("trainButton", "resumeButton", "segmentButton", "progressBar", "logTextEdit", "labeledTable",
-                     "unlabeledList", "presetComboBox", "deviceComboBox", "gpuLabel", "advancedGroupBox"):
+    for required in ("trainButton", "resumeButton", "trainMoreButton", "segmentButton", "progressBar",
+                     "logTextEdit", "labeledTable", "unlabeledList", "presetComboBox", "deviceComboBox", "gpuLabel",
+                     "advancedGroupBox"):
         assert required in names, required
     module = (REPO / "MNSegment" / "MNSegment.py").read_text(encoding="utf-8")
     bound = [p.find("string").text for p in root.iter("property") if p.get("name") == "SlicerParameterName"]

@@ -117,3 +117,26 @@ def test_engine_bad_input_surfaces_message(tmp_path):
     assert "no_such_key" in message
     assert "Traceback" not in message and "\n" not in message
     assert info.value.job.returncode == 2
+
+
+def test_train_more_starts_from_a_finished_job(tmp_path):
+    """"Train more": a new job initialised from a finished job's networks (``train --init-from``), with one
+    more labeled volume; an unfinished folder is refused before anything starts."""
+    import json
+
+    scene, labeled, unlabeled, _ = _tiny_scene(3, 1)
+    logic = MNSegmentLogic(scene)
+    short = {**TINY, "train.steps": 4}
+    first = logic.train(labeled[:2], unlabeled, output_dir=tmp_path / "first", device="cpu", wait=True, **short)
+    assert first.status == jobs.DONE, first.error
+    with pytest.raises(ValueError, match="no finished training"):
+        logic.train(labeled, unlabeled, output_dir=tmp_path / "bad", init_from=tmp_path, **short)
+    assert not (tmp_path / "bad").exists()
+    more = logic.train(labeled, unlabeled, output_dir=tmp_path / "more", device="cpu", wait=True,
+                       init_from=tmp_path / "first", **short)
+    assert more.status == jobs.DONE, more.error
+    source = (tmp_path / "first" / "run").absolute()
+    start = next(e for e in more.events if e["event"] == "start")
+    assert start["init_from"]["run"] == str(source)
+    assert json.loads((tmp_path / "more" / "run" / "config.json").read_text())["init_from"]["run"] == str(source)
+    assert start["labeled"] == 3 and len(more.result) == 1

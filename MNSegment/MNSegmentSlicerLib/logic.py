@@ -285,8 +285,11 @@ class MNSegmentLogic:
     # ---------------------------------------------------------------------------------------- train
     def train(self, labeled, unlabeled, output_dir=None, preset: str = "quick", wait: bool = False,
               device: str = "auto", network: str = "3d", on_progress=None, on_log=None, on_event=None,
-              on_phase=None, on_finished=None, **overrides) -> EngineJob:
+              on_phase=None, on_finished=None, init_from=None, **overrides) -> EngineJob:
         """Train on ``labeled`` [(volume, segmentation)] + ``unlabeled`` [volume], then segment ``unlabeled``.
+
+        ``init_from`` ("Train more"): a finished job folder (or its run folder) whose networks the new training
+        starts from instead of from scratch (``mnsegment train --init-from``); its structures must be the same.
 
         ``overrides``: engine configuration keys (``**{"train.steps": 50}``) or the friendly names in
         ``OVERRIDE_KEYS`` (``steps=50``, ``backbone_2d="resnet18"``, ...). Returns the job; its ``result`` is
@@ -303,6 +306,7 @@ class MNSegmentLogic:
         settings = engine_settings(overrides)
         check_settings(settings)
         self.check_dependencies()
+        source_run = finished_run(init_from) if init_from is not None else None
         scene = self._get_scene([v for v, _s in labeled])
         folder = Path(output_dir) if output_dir else self.default_output_dir()
         if (folder / RUN_DIR).exists():
@@ -316,6 +320,9 @@ class MNSegmentLogic:
                 "--device", device]
         for key, value in settings.items():
             args += ["--set", f"{key}={_set_value(value)}"]
+        if source_run is not None:
+            args += ["--init-from", str(source_run)]
+            meta["init_from"] = str(source_run)
         args.append("--events")
         phases = [Phase("export", run=prepared.write), Phase("train", args),
                   self._predict_phase(folder, meta, device, network)]
@@ -501,3 +508,13 @@ def _record_status(job: EngineJob) -> None:
     if job.model_dir:
         meta["engine_model_dir"] = job.model_dir
     _write_json(path, meta)
+
+
+def finished_run(job_or_run) -> Path:
+    """The run folder of a finished training, from its job folder or the run folder itself."""
+    folder = Path(job_or_run)
+    run = folder / _read_json(folder / JOB_FILE).get("run_dir", RUN_DIR) if (folder / JOB_FILE).is_file() else folder
+    if not (run / "model.pt").is_file():
+        raise ValueError(f"{folder} holds no finished training (model.pt): train it to the end, or Resume it, "
+                         "before training more from it.")
+    return run.absolute()
