@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from MNSegmentLib.config import preset
 from MNSegmentLib.datalist import Case, Datalist
@@ -266,3 +267,30 @@ def test_oblique_directions_still_map_to_a_permutation():
     oblique = (c, -c, 0.0, c, c, 0.0, 0.0, 0.0, 1.0)  # rotated 45 degrees about S
     assert sorted(lps_axes(oblique)) == [0, 1, 2]
     assert lps_axes(DIRECTION) == [1, 2, 0]
+
+
+# ---- the memory a patch voxel costs ----
+
+def test_saved_activations_are_counted_once_per_storage():
+    from torch import nn
+
+    from MNSegmentLib.planning.memory import saved_activation_bytes
+
+    # Conv3d keeps its input (the caller's) and weight (a parameter): neither counts. ReLU keeps its 4-channel
+    # float32 output, which the second convolution keeps again as its input: counted once, 16 bytes per voxel.
+    model = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 1))
+    x = torch.zeros(2, 1, 8, 8, 8, requires_grad=True)
+    assert saved_activation_bytes(model, x) == 16 * x.numel()
+
+
+def test_activation_memory_per_voxel_of_the_quick_network_does_not_depend_on_the_probe():
+    from MNSegmentLib.models3d import build_model3d
+    from MNSegmentLib.planning.memory import activation_bytes_per_voxel, saved_activation_bytes
+
+    model = build_model3d(preset("quick")["model3d"], 2).eval()
+    per_voxel = activation_bytes_per_voxel(model, QUICK.divisor)
+    assert not model.training  # the probe leaves the model's mode as it was
+    other = saved_activation_bytes(model.train(), torch.zeros(1, 1, 48, 48, 32, requires_grad=True)) / (48 * 48 * 32)
+    assert per_voxel == pytest.approx(other, rel=0.05)
+    budget = Budget(QUICK.patch_voxels, QUICK.batch_size, QUICK.divisor, 2**30, per_voxel)
+    assert budget.voxel_cap() == QUICK.patch_voxels  # the quick preset fits 1 GiB
