@@ -10,8 +10,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from MNSegmentLib import realdata
 from MNSegmentLib.config import preset
-from MNSegmentLib.datalist import Case, Datalist
+from MNSegmentLib.datalist import Case, Datalist, load_datalist
 from MNSegmentLib.errors import InputError
 from MNSegmentLib.io import array_xyz
 from MNSegmentLib.planning.fingerprint import CaseFingerprint, Fingerprint, fingerprint_datalist, lps_axes, read_case
@@ -294,3 +295,23 @@ def test_activation_memory_per_voxel_of_the_quick_network_does_not_depend_on_the
     assert per_voxel == pytest.approx(other, rel=0.05)
     budget = Budget(QUICK.patch_voxels, QUICK.batch_size, QUICK.divisor, 2**30, per_voxel)
     assert budget.voxel_cap() == QUICK.patch_voxels  # the quick preset fits 1 GiB
+
+
+@pytest.mark.skipif(not realdata.nilearn_available(), reason="nilearn (demo extra) not installed")
+def test_the_benchmark_task_from_real_anatomy_keeps_its_resolution(tmp_path):
+    """The accuracy benchmark's kind of task (MNI152 white matter at 3 mm), written to disk with varied
+    orientations and one coarser axis: the fingerprint agrees with preprocessing's LPS images and the quick budget
+    keeps the data's own spacing."""
+    datalist = load_datalist(realdata.make_t1_task(tmp_path / "task", n_labeled=2, n_unlabeled=1, n_test=0,
+                                                   structure="wm", resolution_mm=3.0, vary_geometry=True))
+    fingerprint = fingerprint_datalist(datalist)
+    for case, described in zip(datalist.labeled + datalist.unlabeled, fingerprint.cases):
+        image = canonical(sitk.ReadImage(str(case.image)))
+        assert (described.size, described.spacing) == (list(image.GetSize()), list(image.GetSpacing()))
+        if case.label is not None:
+            where = np.argwhere(array_xyz(canonical(sitk.ReadImage(str(case.label))), dtype=None) > 0)
+            extent = (where.max(0) - where.min(0) + 1) * np.array(image.GetSpacing())
+            assert described.foreground_extent == pytest.approx(extent.tolist())
+    plan = plan_experiment(fingerprint, QUICK)
+    assert plan.target_spacing == fingerprint.median_spacing() and not plan.low_resolution
+    assert min(plan.structure_coverage) >= MIN_COVERAGE

@@ -89,7 +89,7 @@ def lps_axes(direction: Sequence[float]) -> list[int]:
 
 
 def _extent(slices: tuple[slice, ...], spacing: Sequence[float]) -> list[float]:
-    return [(s.stop - s.start) * float(d) for s, d in zip(slices, spacing)]
+    return [float((s.stop - s.start) * d) for s, d in zip(slices, spacing)]
 
 
 def describe_case(name: str, size: Sequence[int], spacing: Sequence[float], direction: Sequence[float],

@@ -130,7 +130,7 @@ def fit_patch(field_of_view: Sequence[float], spacing: Sequence[float], voxel_ca
 
 
 def _coverage(patch: Sequence[int], spacing: Sequence[float], extent: Sequence[float]) -> list[float]:
-    return [round(p * s / e, 3) if e > 0 else 1.0 for p, s, e in zip(patch, spacing, extent)]
+    return [round(float(p * s / e), 3) if e > 0 else 1.0 for p, s, e in zip(patch, spacing, extent)]
 
 
 def _coarser(spacing: list[float], limit: Sequence[float]) -> list[float] | None:
@@ -142,7 +142,7 @@ def _coarser(spacing: list[float], limit: Sequence[float]) -> list[float] | None
     finest = [a for a in free if max(spacing) / spacing[a] > 2]
     out = list(spacing)
     for a in finest or free:
-        out[a] = min(spacing[a] * COARSEN_STEP, limit[a])
+        out[a] = min(round(spacing[a] * COARSEN_STEP, 3), limit[a])  # 3 decimals: readable in plan.json
     return out
 
 
@@ -185,7 +185,8 @@ def plan_experiment(fingerprint: Fingerprint, budget: Budget, explicit: dict[str
     coverage = _coverage(patch, spacing, structure)
     target = "structure" if labeled else "field of view"
     if "data.target_spacing" in explicit:
-        why.append(f"target spacing {_mm(spacing)} set explicitly")
+        why.append(f"target spacing {_mm(spacing)} set explicitly: patch {_voxels(patch)} spans at least "
+                   f"{_percent(min(coverage))} of the {target} along every axis")
     elif min(coverage) >= min_coverage:
         why.append(f"patch {_voxels(patch)} at {_mm(spacing)} spans {_mm([p * s for p, s in zip(patch, spacing)])}"
                    f", at least {_percent(min(coverage))} of the {target} along every axis: full resolution kept")
@@ -195,13 +196,11 @@ def plan_experiment(fingerprint: Fingerprint, budget: Budget, explicit: dict[str
                   f"{target} along {AXES[axis]}")
         # Never so coarse that the thinnest class is fewer than MIN_VOXELS_ACROSS voxels thick, nor finer than full.
         thinnest = fingerprint.smallest_class_extent() or structure
-        limit = [max(f, t / MIN_VOXELS_ACROSS) for f, t in zip(full, thinnest)]
+        limit = [max(f, round(t / MIN_VOXELS_ACROSS, 3)) for f, t in zip(full, thinnest)]
         while min(coverage) < min_coverage and (step := _coarser(spacing, limit)) is not None:
             spacing = step
             patch = patch_for(spacing)
             coverage = _coverage(patch, spacing, structure)
-        spacing = [round(s, 3) for s in spacing]
-        coverage = _coverage(patch, spacing, structure)
         after = (f"planned a low-resolution {_mm(spacing)}, where patch {_voxels(patch)} spans "
                  f"{_mm([p * s for p, s in zip(patch, spacing)])}, at least {_percent(min(coverage))} of it along "
                  "every axis")
