@@ -81,6 +81,13 @@ def test_a_larger_budget_keeps_the_brain_at_full_resolution():
     assert "full resolution kept" in plan.why[-1]
 
 
+def test_a_small_structure_in_a_1mm_head_keeps_full_resolution():
+    hippocampus = dataset((182, 218, 182), (1.0, 1.0, 1.0), (20, 40, 20))
+    plan = plan_experiment(hippocampus, QUICK)
+    assert plan.target_spacing == [1.0, 1.0, 1.0] and min(plan.structure_coverage) >= 1
+    assert "all of the structure along every axis: full resolution kept" in plan.why[-1]
+
+
 def test_cardiac_mr_is_planned_as_a_stack_of_thick_slices():
     plan = plan_experiment(CARDIAC, QUICK)
     assert plan.target_spacing == [0.6, 0.6, 2.5] and not plan.low_resolution

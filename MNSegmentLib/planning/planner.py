@@ -96,6 +96,13 @@ def _percent(share: float) -> str:
     return f"{100 * share:.0f} %"
 
 
+def _seen(coverage: Sequence[float], target: str) -> str:
+    """How much of the target the patch spans along its worst axis, in words."""
+    if min(coverage) >= 1:
+        return f"all of the {target} along every axis"
+    return f"at least {_percent(min(coverage))} of the {target} along every axis"
+
+
 def full_resolution_spacing(fingerprint: Fingerprint) -> tuple[list[float], bool]:
     """The median spacing; for strongly anisotropic data the coarse axis takes a low percentile instead, so
     the scans with thinner slices are not blurred by interpolation (nnU-Net's rule). Also returns whether the
@@ -185,11 +192,11 @@ def plan_experiment(fingerprint: Fingerprint, budget: Budget, explicit: dict[str
     coverage = _coverage(patch, spacing, structure)
     target = "structure" if labeled else "field of view"
     if "data.target_spacing" in explicit:
-        why.append(f"target spacing {_mm(spacing)} set explicitly: patch {_voxels(patch)} spans at least "
-                   f"{_percent(min(coverage))} of the {target} along every axis")
+        why.append(f"target spacing {_mm(spacing)} set explicitly: patch {_voxels(patch)} spans "
+                   f"{_seen(coverage, target)}")
     elif min(coverage) >= min_coverage:
         why.append(f"patch {_voxels(patch)} at {_mm(spacing)} spans {_mm([p * s for p, s in zip(patch, spacing)])}"
-                   f", at least {_percent(min(coverage))} of the {target} along every axis: full resolution kept")
+                   f", {_seen(coverage, target)}: full resolution kept")
     else:
         axis = int(np.argmin(coverage))
         before = (f"patch {_voxels(patch)} at {_mm(spacing)} would span only {_percent(coverage[axis])} of the "
@@ -202,8 +209,7 @@ def plan_experiment(fingerprint: Fingerprint, budget: Budget, explicit: dict[str
             patch = patch_for(spacing)
             coverage = _coverage(patch, spacing, structure)
         after = (f"planned a low-resolution {_mm(spacing)}, where patch {_voxels(patch)} spans "
-                 f"{_mm([p * s for p, s in zip(patch, spacing)])}, at least {_percent(min(coverage))} of it along "
-                 "every axis")
+                 f"{_mm([p * s for p, s in zip(patch, spacing)])}, {_seen(coverage, target)}")
         if min(coverage) >= min_coverage:
             why.append(f"{before}; {after} ({_percent(min_coverage)} wanted)")
         else:
