@@ -89,7 +89,7 @@ def lps_axes(direction: Sequence[float]) -> list[int]:
 
 
 def _extent(slices: tuple[slice, ...], spacing: Sequence[float]) -> list[float]:
-    return [float((s.stop - s.start) * d) for s, d in zip(slices, spacing)]
+    return [round(float((s.stop - s.start) * d), 3) for s, d in zip(slices, spacing)]  # 0.001 mm: clean JSON
 
 
 def describe_case(name: str, size: Sequence[int], spacing: Sequence[float], direction: Sequence[float],
