@@ -32,7 +32,7 @@ class Budget:
     batch_size: int
     divisor: int  # every patch side is a multiple of the 3D network's total downsampling factor
     memory_bytes: float | None = None  # device memory available for training, if known
-    bytes_per_voxel: float | None = None  # training memory per patch voxel and batch item (both networks)
+    bytes_per_voxel: float | None = None  # training memory per patch voxel and batch item (memory.py)
 
     def voxel_cap(self) -> int:
         """The preset's patch voxels, lowered when the device memory cannot hold a batch of them."""
