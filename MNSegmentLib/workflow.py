@@ -20,6 +20,8 @@ from .inference import predict_files, predictor
 from .io import writable_folder, write_failed, write_json_atomic
 from .models2d import build_model2d
 from .models3d import build_model3d, check_patch_size
+from .planning.fingerprint import Fingerprint, fingerprint_datalist
+from .planning.planner import PLANNED_KEYS, budget_from_config, explicit_settings, plan_experiment
 from .preprocess import Plan, preprocess_datalist
 from .trainer import CHECKPOINT, MODEL, Trainer
 
@@ -50,6 +52,7 @@ def train(datalist_path: str | Path, output: str | Path, preset: str = "quick", 
     _fresh_output(output)
     writable_folder(output.parent, "--output")
     _warn_if_labeled_only(datalist, config, events)
+    experiment, fingerprint = plan_settings(config, datalist, overrides or {})  # before the networks are checked
     pretrained2d = check_networks(config)
     # Everything is prepared in a hidden sibling folder and renamed at the end: an error or a cancel during
     # preprocessing leaves no half-made run folder behind.
@@ -64,9 +67,13 @@ def train(datalist_path: str | Path, output: str | Path, preset: str = "quick", 
             raise write_failed(output / "cache", err) from None
         if stop.is_set():
             raise Cancelled()
+        plan.experiment = {**experiment, "target_spacing": plan.target_spacing,
+                           "patch_size": config["sampling"]["patch_size"], "slice_axis": config["data"]["slice_axis"]}
         config["device"] = device
         configuration.save(config, partial / "config.json")
         write_json_atomic(partial / "plan.json", plan.to_json())
+        if fingerprint is not None:
+            write_json_atomic(partial / "fingerprint.json", fingerprint.to_json())
         write_json_atomic(partial / "datalist.json", datalist.to_json())
         if output.exists():
             output.rmdir()
@@ -76,6 +83,41 @@ def train(datalist_path: str | Path, output: str | Path, preset: str = "quick", 
     log.info("plan: spacing %s mm, %s normalisation, classes %s", plan.target_spacing, plan.normalization,
              plan.classes)
     return _run(output, config, plan, torch_device, events, stop, pretrained2d=pretrained2d)
+
+
+def plan_settings(config: dict, datalist: Datalist, overrides: dict) -> tuple[dict, Fingerprint | None]:
+    """Settles target spacing, patch size and slice axis in ``config`` as ``data.planning`` says: as configured
+    (preset) or planned from the dataset's fingerprint within the preset's patch budget (auto). Values given with
+    ``--set`` always win, and so do those the preset keeps (``config.KEPT_BY_PRESET``: the paper's crop).
+
+    Returns the record for plan.json (where each value came from; with auto, the plan and its reasons in "why")
+    and, with auto, the fingerprint.
+    """
+    preset = config["preset"]
+    explicit = explicit_settings(overrides)
+    if config["data"]["planning"] == "preset":
+        sources = {key: "--set" if key in explicit else f"{preset} preset" for key in PLANNED_KEYS}
+        if config["data"]["target_spacing"] is None:
+            sources["data.target_spacing"] = "median spacing of the labeled cases"
+        return {"planning": "preset", "sources": sources, "why": []}, None
+    kept = {}
+    for key in configuration.KEPT_BY_PRESET.get(preset, ()):
+        if key not in explicit:
+            section, name = key.split(".")
+            kept[key] = config[section][name]
+    fingerprint = fingerprint_datalist(datalist)
+    experiment = plan_experiment(fingerprint, budget_from_config(config), {**explicit, **kept},
+                                 given_by={key: f"kept from the {preset} preset (--set {key}=... changes it)"
+                                           for key in kept})
+    config["data"]["target_spacing"] = experiment.target_spacing
+    config["sampling"]["patch_size"] = experiment.patch_size
+    config["data"]["slice_axis"] = experiment.slice_axis
+    configuration.validate(config)
+    for reason in experiment.why:
+        log.info("plan: %s", reason)
+    sources = {key: "--set" if key in explicit else f"{preset} preset" if key in kept else "planned"
+               for key in PLANNED_KEYS}
+    return {"planning": "auto", "sources": sources, **experiment.to_json()}, fingerprint
 
 
 def _warn_if_labeled_only(datalist: Datalist, config: dict, events: Events) -> None:

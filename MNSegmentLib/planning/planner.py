@@ -154,11 +154,17 @@ def _coarser(spacing: list[float], limit: Sequence[float]) -> list[float] | None
 
 
 def plan_experiment(fingerprint: Fingerprint, budget: Budget, explicit: dict[str, Any] | None = None,
-                    min_coverage: float = MIN_COVERAGE) -> ExperimentPlan:
-    """Chooses target spacing, patch size and slice axis; values in ``explicit`` (``explicit_settings``) win."""
+                    min_coverage: float = MIN_COVERAGE, given_by: dict[str, str] | None = None) -> ExperimentPlan:
+    """Chooses target spacing, patch size and slice axis; values in ``explicit`` (``explicit_settings``) win.
+
+    ``given_by`` says where an explicit value came from, in the plan's words (default "set explicitly").
+    """
     if not fingerprint.cases:
         raise ValueError("an empty fingerprint: plan from at least one image")
     explicit = explicit or {}
+
+    def given(key: str) -> str:
+        return (given_by or {}).get(key, "set explicitly")
     full, anisotropic = full_resolution_spacing(fingerprint)
     fov = fingerprint.median_field_of_view()
     structure = fingerprint.median_foreground_extent()
@@ -192,7 +198,7 @@ def plan_experiment(fingerprint: Fingerprint, budget: Budget, explicit: dict[str
     coverage = _coverage(patch, spacing, structure)
     target = "structure" if labeled else "field of view"
     if "data.target_spacing" in explicit:
-        why.append(f"target spacing {_mm(spacing)} set explicitly: patch {_voxels(patch)} spans "
+        why.append(f"target spacing {_mm(spacing)} {given('data.target_spacing')}: patch {_voxels(patch)} spans "
                    f"{_seen(coverage, target)}")
     elif min(coverage) >= min_coverage:
         why.append(f"patch {_voxels(patch)} at {_mm(spacing)} spans {_mm([p * s for p, s in zip(patch, spacing)])}"
@@ -218,11 +224,11 @@ def plan_experiment(fingerprint: Fingerprint, budget: Budget, explicit: dict[str
 
     if "data.slice_axis" in explicit:
         slice_axis = int(explicit["data.slice_axis"])
-        why.append(f"slice axis {slice_axis} set explicitly")
+        why.append(f"slice axis {slice_axis} {given('data.slice_axis')}")
     else:
         slice_axis = coarse if anisotropic else 2
     if "sampling.patch_size" in explicit:
-        why.append(f"patch {_voxels(patch)} set explicitly")
+        why.append(f"patch {_voxels(patch)} {given('sampling.patch_size')}")
     return ExperimentPlan(
         target_spacing=[float(s) for s in spacing], patch_size=patch, slice_axis=slice_axis,
         low_resolution=any(s > f * 1.001 for s, f in zip(spacing, full)), full_resolution_spacing=full,
