@@ -23,6 +23,7 @@ from .models3d import build_model3d, check_patch_size
 from .planning.fingerprint import Fingerprint, fingerprint_datalist
 from .planning.planner import PLANNED_KEYS, budget_from_config, explicit_settings, plan_experiment
 from .preprocess import Plan, preprocess_datalist
+from .selection import MODEL_CHOICE, choose_network, read_choice, validation_scores
 from .trainer import CHECKPOINT, MODEL, Trainer
 
 log = logging.getLogger("mnsegment")
@@ -166,8 +167,20 @@ def _run(run_dir: Path, config: dict, plan: Plan, device: torch.device, events: 
     trainer = Trainer(run_dir, config, plan, datalist, device, events, stop, pretrained2d)
     trainer.run()
     _write_curves(run_dir, trainer.history, events)
-    events.emit("done", model_dir=str(run_dir))
+    choice = _choose_network(trainer)
+    write_json_atomic(run_dir / MODEL_CHOICE, choice)
+    log.info("output network: %s (%s)", choice["network"], choice["reason"])
+    events.emit("done", model_dir=str(run_dir), network=choice["network"], network_reason=choice["reason"])
     return run_dir
+
+
+def _choose_network(trainer: Trainer) -> dict:
+    """3D, 2D or ensemble, by Dice on the validation cases (selection.py); the preset's choice without any."""
+    scores = None
+    if trainer.validation:
+        scores = validation_scores(trainer.model2d, trainer.model3d, trainer.validation, trainer.config,
+                                   trainer.num_classes, trainer.device, trainer.amp.dtype)
+    return choose_network(scores, len(trainer.validation), trainer.config["inference"]["network"])
 
 
 def _write_curves(run_dir: Path, history: list[dict], events: Events) -> None:
@@ -234,7 +247,7 @@ def predict(model_dir: str | Path, images: list[str | Path], output_dir: str | P
     torch_device = resolve_device(device)
     config, plan, model2d, model3d = load_models(Path(model_dir), torch_device)
     writable_folder(Path(output_dir), "--output")
-    network = network or config["inference"]["network"]
+    network = network or _default_network(Path(model_dir), config)
     if network not in ("3d", "2d", "ensemble"):
         raise InputError(f"--network {network}: use 3d, 2d or ensemble")
     predict_fn = predictor(network, model2d, model3d, config["data"]["slice_axis"],
@@ -253,6 +266,16 @@ def predict(model_dir: str | Path, images: list[str | Path], output_dir: str | P
         events.emit("prediction", index=i, total=len(paths), image=str(source), path=str(written))
 
     return predict_files(paths, Path(output_dir), plan, predict_fn, config, torch_device, amp.dtype, done)
+
+
+def _default_network(run_dir: Path, config: dict) -> str:
+    """The network chosen after training (model.json); run folders from before that keep inference.network."""
+    choice = read_choice(run_dir)
+    if choice is None:
+        log.info("network %s (inference.network of config.json)", config["inference"]["network"])
+        return config["inference"]["network"]
+    log.info("network %s (model.json: %s)", choice["network"], choice["reason"])
+    return choice["network"]
 
 
 def _references(references: str | Path | None, images: list[Path]) -> dict[Path, Path]:

@@ -1,5 +1,5 @@
-"""data.planning (the experiment planner wired into `mnsegment train`), on real tiny trainings run as `mnsegment`
-subprocesses."""
+"""data.planning (the experiment planner wired into `mnsegment train`) and the evidence-based choice of the output
+network (model.json), on real tiny trainings run as `mnsegment` subprocesses."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from engine_fixtures import make_dataset, parse_events, run_cli, set_args, to_image, trained_run
 
 from MNSegmentLib import config as configuration
 from MNSegmentLib.datalist import load_datalist
 from MNSegmentLib.errors import InputError
+from MNSegmentLib.metrics import case_metrics
 from MNSegmentLib.preprocess import Plan
+from MNSegmentLib.selection import CANDIDATES, choose_network, dice_per_class
 from MNSegmentLib.workflow import plan_settings, train
 
 QUICK_PATCH = [48, 48, 32]  # the quick preset's patch; the tiny volumes (32x32x20 voxels) are smaller
@@ -68,14 +71,49 @@ def test_auto_planning_is_recorded_and_used(auto_run):
     assert start["event"] == "start" and start["plan"] == experiment["why"]
 
 
-def test_explicit_patch_wins_over_auto_planning(tmp_path):
+def test_model_json_holds_three_scores_and_the_best(auto_run):
+    run_dir, _, events = auto_run
+    choice = _json(run_dir / "model.json")
+    assert set(choice["scores"]) == set(CANDIDATES)
+    assert all(0 <= v <= 1 for v in choice["scores"].values())
+    assert choice["scores"][choice["network"]] == max(choice["scores"].values())
+    assert choice["validation_cases"] == 1 and "validation case" in choice["reason"]
+    done = events[-1]
+    assert done["event"] == "done"
+    assert done["network"] == choice["network"] and done["network_reason"] == choice["reason"]
+
+
+def test_predict_without_network_uses_model_json(auto_run, tmp_path):
+    run_dir, datalist, _ = auto_run
+    image = datalist.parent / "images" / "case2.nii.gz"  # the validation case
+    chosen = _json(run_dir / "model.json")["network"]
+    default = run_cli("predict", image, "--model", run_dir, "--output", tmp_path / "default", "--device", "cpu")
+    explicit = run_cli("predict", image, "--model", run_dir, "--output", tmp_path / "explicit", "--device", "cpu",
+                       "--network", chosen)
+    assert default.returncode == 0 and explicit.returncode == 0, default.stderr[-2000:] + explicit.stderr[-2000:]
+    assert f"network {chosen} (model.json" in default.stderr
+    arrays = [sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f / "case2.nii.gz")))
+              for f in ("default", "explicit")]
+    assert np.array_equal(*arrays)
+    # An explicit --network wins over model.json.
+    other = next(n for n in CANDIDATES if n != chosen)
+    result = run_cli("predict", image, "--model", run_dir, "--output", tmp_path / "other", "--device", "cpu",
+                     "--network", other)
+    assert result.returncode == 0 and "model.json" not in result.stderr
+
+
+def test_explicit_patch_wins_and_no_validation_keeps_the_presets_network(tmp_path):
     datalist = make_dataset(tmp_path / "data", n_labeled=2, n_unlabeled=1)
-    _train(datalist, tmp_path / "run", {**SMALL, "train.steps": 2, "sampling.patch_size": [16, 16, 16]})
+    events = _train(datalist, tmp_path / "run", {**SMALL, "train.steps": 2, "sampling.patch_size": [16, 16, 16]})
     run_dir = tmp_path / "run"
     experiment = _json(run_dir / "plan.json")["experiment"]
     assert _json(run_dir / "config.json")["sampling"]["patch_size"] == [16, 16, 16] == experiment["patch_size"]
     assert experiment["sources"]["sampling.patch_size"] == "--set"
     assert "patch 16×16×16 set explicitly" in experiment["why"]
+    choice = _json(run_dir / "model.json")
+    assert choice == {"network": "ensemble", "reason": "no validation cases: the preset's inference.network",
+                      "scores": None, "validation_cases": 0}  # quick preset: ensemble
+    assert events[-1]["network"] == "ensemble"
 
 
 def test_default_planning_keeps_the_presets_patch_and_median_labeled_spacing(tmp_path_factory):
@@ -143,3 +181,20 @@ def test_bad_label_with_auto_planning_is_one_clear_error_and_leaves_nothing(tmp_
     with pytest.raises(InputError, match="case1.nii.gz"):
         train(datalist, tmp_path / "run", "quick", "cpu", {**SMALL, "train.steps": 2})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no run folder, no partial folder
+
+
+def test_choice_is_the_best_score_and_a_tie_keeps_the_presets_network():
+    assert choose_network({"3d": 0.7, "2d": 0.8, "ensemble": 0.75}, 2, "3d")["network"] == "2d"
+    tie = choose_network({"3d": 0.8, "2d": 0.8, "ensemble": 0.8}, 1, "ensemble")
+    assert tie["network"] == "ensemble" and "1 validation case " in tie["reason"]
+    assert choose_network(None, 0, "3d")["reason"].startswith("no validation cases")
+
+
+def test_selection_dice_agrees_with_the_reported_metric():
+    rng = np.random.default_rng(0)
+    label = rng.integers(0, 3, (12, 10, 8)).astype(np.uint8)
+    prediction = np.where(rng.random(label.shape) < 0.3, rng.integers(0, 3, label.shape), label).astype(np.uint8)
+    ours = dice_per_class(torch.from_numpy(prediction.astype(np.int64)), label, 3)
+    reported = case_metrics(to_image(prediction), to_image(label))
+    assert ours == pytest.approx([reported[1]["dice"], reported[2]["dice"]])
+    assert dice_per_class(torch.zeros(4, 4, 4, dtype=torch.int64), np.zeros((4, 4, 4)), 2) == [1.0]  # both empty
