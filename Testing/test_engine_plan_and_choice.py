@@ -40,7 +40,7 @@ def _train(datalist: Path, output: Path, overrides: dict):
 
 
 def _json(path: Path) -> dict:
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")
