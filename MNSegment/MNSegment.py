@@ -503,6 +503,9 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.setValue(1)
             self.ui.statusLabel.text = _("Done: {count} segmentation(s) added. Model: {folder}").format(
                 count=len(nodes), folder=job.folder)
+            chosen = progress.describe_chosen_network(job.events, self._parameterNode.network)
+            if chosen:
+                self.ui.statusLabel.text += " " + chosen
             if nodes:
                 volume = nodes[0].GetNodeReference(nodes[0].GetReferenceImageGeometryReferenceRole())
                 slicer.util.setSliceViewerLayers(background=volume, fit=True)

@@ -28,6 +28,9 @@ class Plan:
     ct_window: list[float] | None
     label_values: list[int]  # original label value of each class index; index 0 is background (0)
     classes: dict[str, str]  # str(label value) -> name
+    # How target spacing, patch size and slice axis were chosen (workflow.plan_settings); None: made before
+    # data.planning existed
+    experiment: dict | None = None
 
     def to_json(self) -> dict:
         return asdict(self)

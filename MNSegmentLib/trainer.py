@@ -422,7 +422,8 @@ class Trainer:
         self.events.emit("start", total_steps=self.total, step=self.step, device=str(self.device),
                          weights_2d=self.weights_2d, stage2_start=self.stage2,
                          init_from=self.config.get("init_from"),
-                         labeled=len(self.labeled), unlabeled=len(self.unlabeled))
+                         labeled=len(self.labeled), unlabeled=len(self.unlabeled),
+                         plan=list((self.plan.experiment or {}).get("why", [])))
         log.info("training on %s: %d labeled, %d unlabeled volumes; 2D %s (%s); %d steps, co-training from %d",
                  self.device, len(self.labeled), len(self.unlabeled), self.config["model2d"]["name"],
                  self.weights_2d, self.total, self.stage2)

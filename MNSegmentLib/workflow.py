@@ -21,7 +21,10 @@ from .inference import predict_files, predictor
 from .io import writable_folder, write_failed, write_json_atomic
 from .models2d import build_model2d
 from .models3d import build_model3d, check_patch_size
+from .planning.fingerprint import Fingerprint, fingerprint_datalist
+from .planning.planner import PLANNED_KEYS, budget_from_config, explicit_settings, plan_experiment
 from .preprocess import Plan, preprocess_datalist
+from .selection import MODEL_CHOICE, choose_network, read_choice, validation_scores
 from .trainer import CHECKPOINT, MODEL, Trainer
 
 log = logging.getLogger("mnsegment")
@@ -56,6 +59,7 @@ def train(datalist_path: str | Path, output: str | Path, preset: str = "quick", 
     _fresh_output(output)
     writable_folder(output.parent, "--output")
     _warn_if_labeled_only(datalist, config, events)
+    experiment, fingerprint = plan_settings(config, datalist, overrides)  # before the networks are checked
     if source is not None:
         source.check_config(config)
         if datalist.classes:  # known before reading any label map
@@ -79,9 +83,13 @@ def train(datalist_path: str | Path, output: str | Path, preset: str = "quick", 
             raise Cancelled()
         if source is not None:
             source.check_label_values(plan.label_values)
+        plan.experiment = {**experiment, "target_spacing": plan.target_spacing,
+                           "patch_size": config["sampling"]["patch_size"], "slice_axis": config["data"]["slice_axis"]}
         config["device"] = device
         configuration.save(config, partial / "config.json")
         write_json_atomic(partial / "plan.json", plan.to_json())
+        if fingerprint is not None:
+            write_json_atomic(partial / "fingerprint.json", fingerprint.to_json())
         write_json_atomic(partial / "datalist.json", datalist.to_json())
         if output.exists():
             output.rmdir()
@@ -91,6 +99,41 @@ def train(datalist_path: str | Path, output: str | Path, preset: str = "quick", 
     log.info("plan: spacing %s mm, %s normalisation, classes %s", plan.target_spacing, plan.normalization,
              plan.classes)
     return _run(output, config, plan, torch_device, events, stop, pretrained2d=pretrained2d, initial=initial)
+
+
+def plan_settings(config: dict, datalist: Datalist, overrides: dict) -> tuple[dict, Fingerprint | None]:
+    """Settles target spacing, patch size and slice axis in ``config`` as ``data.planning`` says: as configured
+    (preset) or planned from the dataset's fingerprint within the preset's patch budget (auto). Values given with
+    ``--set`` always win, and so do those the preset keeps (``config.KEPT_BY_PRESET``: the paper's crop).
+
+    Returns the record for plan.json (where each value came from; with auto, the plan and its reasons in "why")
+    and, with auto, the fingerprint.
+    """
+    preset = config["preset"]
+    explicit = explicit_settings(overrides)
+    if config["data"]["planning"] == "preset":
+        sources = {key: "--set" if key in explicit else f"{preset} preset" for key in PLANNED_KEYS}
+        if config["data"]["target_spacing"] is None:
+            sources["data.target_spacing"] = "median spacing of the labeled cases"
+        return {"planning": "preset", "sources": sources, "why": []}, None
+    kept = {}
+    for key in configuration.KEPT_BY_PRESET.get(preset, ()):
+        if key not in explicit:
+            section, name = key.split(".")
+            kept[key] = config[section][name]
+    fingerprint = fingerprint_datalist(datalist)
+    experiment = plan_experiment(fingerprint, budget_from_config(config), {**explicit, **kept},
+                                 given_by={key: f"kept from the {preset} preset (--set {key}=... changes it)"
+                                           for key in kept})
+    config["data"]["target_spacing"] = experiment.target_spacing
+    config["sampling"]["patch_size"] = experiment.patch_size
+    config["data"]["slice_axis"] = experiment.slice_axis
+    configuration.validate(config)
+    for reason in experiment.why:
+        log.info("plan: %s", reason)
+    sources = {key: "--set" if key in explicit else f"{preset} preset" if key in kept else "planned"
+               for key in PLANNED_KEYS}
+    return {"planning": "auto", "sources": sources, **experiment.to_json()}, fingerprint
 
 
 def _warn_if_labeled_only(datalist: Datalist, config: dict, events: Events) -> None:
@@ -143,8 +186,20 @@ def _run(run_dir: Path, config: dict, plan: Plan, device: torch.device, events: 
     trainer = Trainer(run_dir, config, plan, datalist, device, events, stop, pretrained2d, initial)
     trainer.run()
     _write_curves(run_dir, trainer.history, events)
-    events.emit("done", model_dir=str(run_dir))
+    choice = _choose_network(trainer)
+    write_json_atomic(run_dir / MODEL_CHOICE, choice)
+    log.info("output network: %s (%s)", choice["network"], choice["reason"])
+    events.emit("done", model_dir=str(run_dir), network=choice["network"], network_reason=choice["reason"])
     return run_dir
+
+
+def _choose_network(trainer: Trainer) -> dict:
+    """3D, 2D or ensemble, by Dice on the validation cases (selection.py); the preset's choice without any."""
+    scores = None
+    if trainer.validation:
+        scores = validation_scores(trainer.model2d, trainer.model3d, trainer.validation, trainer.config,
+                                   trainer.num_classes, trainer.device, trainer.amp.dtype)
+    return choose_network(scores, len(trainer.validation), trainer.config["inference"]["network"])
 
 
 def _write_curves(run_dir: Path, history: list[dict], events: Events) -> None:
@@ -211,7 +266,7 @@ def predict(model_dir: str | Path, images: list[str | Path], output_dir: str | P
     torch_device = resolve_device(device)
     config, plan, model2d, model3d = load_models(Path(model_dir), torch_device)
     writable_folder(Path(output_dir), "--output")
-    network = network or config["inference"]["network"]
+    network = network or _default_network(Path(model_dir), config)
     if network not in ("3d", "2d", "ensemble"):
         raise InputError(f"--network {network}: use 3d, 2d or ensemble")
     predict_fn = predictor(network, model2d, model3d, config["data"]["slice_axis"],
@@ -230,6 +285,16 @@ def predict(model_dir: str | Path, images: list[str | Path], output_dir: str | P
         events.emit("prediction", index=i, total=len(paths), image=str(source), path=str(written))
 
     return predict_files(paths, Path(output_dir), plan, predict_fn, config, torch_device, amp.dtype, done)
+
+
+def _default_network(run_dir: Path, config: dict) -> str:
+    """The network chosen after training (model.json); run folders from before that keep inference.network."""
+    choice = read_choice(run_dir)
+    if choice is None:
+        log.info("network %s (inference.network of config.json)", config["inference"]["network"])
+        return config["inference"]["network"]
+    log.info("network %s (model.json: %s)", choice["network"], choice["reason"])
+    return choice["network"]
 
 
 def _references(references: str | Path | None, images: list[Path]) -> dict[Path, Path]:

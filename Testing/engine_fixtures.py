@@ -86,6 +86,7 @@ def cli_command(*args: str) -> list[str]:
 def cli_env() -> dict:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONIOENCODING"] = "utf-8"  # events may hold non-ASCII text (the planner's "32×32×16"), as Slicer's job sets
     env.setdefault("OMP_NUM_THREADS", "2")
     return env
 
@@ -94,7 +95,8 @@ def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None,
             file_size_limit: int | None = None) -> subprocess.CompletedProcess:
     """``file_size_limit``: a full disk, simulated without privileges: the process may not write any file beyond
     that many bytes (RLIMIT_FSIZE; such writes fail with EFBIG, as on a full disk they fail with ENOSPC)."""
-    return subprocess.run(cli_command(*args), capture_output=True, text=True, timeout=timeout, env=cli_env(),
+    return subprocess.run(cli_command(*args), capture_output=True, text=True, encoding="utf-8", timeout=timeout,
+                          env=cli_env(),
                           cwd=cwd, preexec_fn=_limit_file_size(file_size_limit) if file_size_limit else None)
 
 

@@ -252,6 +252,19 @@ def test_engine_warnings_are_worded_for_the_user():
     assert progress.describe_warning({"event": "progress", "step": 1}) is None
 
 
+def test_the_chosen_network_and_its_reason_are_worded_for_the_user():
+    from MNSegmentSlicerLib import progress
+
+    events = [{"event": "start"}, {"event": "done", "model_dir": "/r", "network": "ensemble", "phase": "train",
+                                   "network_reason": "highest mean Dice on 2 validation cases (3d 0.7, ...)"},
+              {"event": "done", "outputs": [], "phase": "predict"}]
+    assert progress.describe_chosen_network(events, "ensemble") == (
+        "Chosen network: ensemble (highest mean Dice on 2 validation cases (3d 0.7, ...)).")
+    assert progress.describe_chosen_network(events, "3d").endswith(
+        "These segmentations used the 3d network (the Network setting).")
+    assert progress.describe_chosen_network(events[:1]) is None  # still training, or an older engine
+
+
 def test_engine_settings_map_friendly_names():
     from MNSegmentSlicerLib.logic import device_argument, engine_settings
 

@@ -55,6 +55,20 @@ def describe_warning(event: dict) -> str | None:
     return f"Warning: {str(event.get('message') or '').strip() or 'see the log'}"
 
 
+def describe_chosen_network(events: list[dict], used: str | None = None) -> str | None:
+    """Which network the training chose for its output and why (the engine's ``done`` event of ``train``), and,
+    when the segmentations were made with another one (the module's Network setting), which; None before that
+    event (or from engines that did not choose)."""
+    done = [e for e in events if e.get("event") == "done" and e.get("network")]
+    if not done:
+        return None
+    network, reason = done[-1]["network"], str(done[-1].get("network_reason") or "").strip()
+    text = f"Chosen network: {network}" + (f" ({reason})" if reason else "") + "."
+    if used and used != network:
+        text += f" These segmentations used the {used} network (the Network setting)."
+    return text
+
+
 def parse_patch_size(text: str) -> list[int] | None:
     """``"96, 96, 48"`` → ``[96, 96, 48]``; empty → None (preset default)."""
     text = (text or "").strip()

@@ -1,0 +1,72 @@
+"""Which network's output the user gets: 3D, 2D or their ensemble, chosen on the validation cases after training.
+
+Each candidate predicts every validation case through the engine's own prediction path (sliding window on the
+preprocessed arrays, as in-training validation does); its score is the foreground Dice per class, averaged over
+classes and cases. The choice and its evidence are written to ``model.json`` in the run folder, which
+``mnsegment predict`` follows unless ``--network`` is given.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.metrics import compute_dice
+
+from .inference import predict_array, predictor
+
+CANDIDATES = ("3d", "2d", "ensemble")
+MODEL_CHOICE = "model.json"
+NO_VALIDATION = "no validation cases"
+
+
+def dice_per_class(prediction: torch.Tensor, label: np.ndarray, num_classes: int) -> list[float]:
+    """Foreground Dice of each class between class-index volumes (1 when both lack the class)."""
+    classes = torch.arange(1, num_classes)[:, None, None, None]
+    p = (prediction[None] == classes)[None].float()
+    t = (torch.from_numpy(np.asarray(label, dtype=np.int64))[None] == classes)[None].float()
+    return compute_dice(p, t, include_background=True, ignore_empty=False)[0].tolist()
+
+
+def validation_scores(model2d: torch.nn.Module, model3d: torch.nn.Module,
+                      cases: list[tuple[np.ndarray, np.ndarray]], config: dict, num_classes: int,
+                      device: torch.device, autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Mean foreground Dice of each candidate over ``cases`` (preprocessed image and label arrays)."""
+    inference = config["inference"]
+    scores: dict[str, list[float]] = {name: [] for name in CANDIDATES}
+    model2d.eval()
+    model3d.eval()
+    for image, label in cases:
+        probabilities = {}
+        for name in ("3d", "2d"):
+            predict = predictor(name, model2d, model3d, config["data"]["slice_axis"], config["model2d"]["chunk_slices"])
+            probabilities[name] = predict_array(image, predict, config["sampling"]["patch_size"], device,
+                                                inference["overlap"], inference["sw_batch_size"], inference["tta"],
+                                                autocast_dtype)
+        # The ensemble predictor averages the two networks' probabilities in every window, and sliding-window
+        # blending is a weighted average: averaging the two volumes gives the same result without a third pass.
+        probabilities["ensemble"] = (probabilities["3d"] + probabilities["2d"]) / 2
+        for name in CANDIDATES:
+            scores[name] += dice_per_class(probabilities[name].argmax(0), label, num_classes)
+    return {name: float(np.mean(values)) for name, values in scores.items()}
+
+
+def choose_network(scores: dict[str, float] | None, n_cases: int, preset_network: str) -> dict:
+    """The record for model.json: the best-scoring candidate (on a tie, the preset's network, then the order of
+    CANDIDATES), or the preset's ``inference.network`` without validation cases."""
+    if not scores or n_cases == 0:
+        return {"network": preset_network, "reason": f"{NO_VALIDATION}: the preset's inference.network",
+                "scores": None, "validation_cases": 0}
+    order = [preset_network] + [name for name in CANDIDATES if name != preset_network]
+    best = max(order, key=lambda name: scores[name])  # max keeps the first of equals
+    listed = ", ".join(f"{name} {scores[name]:.3f}" for name in CANDIDATES)
+    return {"network": best, "scores": scores, "validation_cases": n_cases,
+            "reason": f"highest mean Dice on {n_cases} validation case{'s' * (n_cases != 1)} ({listed})"}
+
+
+def read_choice(run_dir: Path) -> dict | None:
+    """model.json of a run folder; None for folders trained before it existed (or whose training did not end)."""
+    path = Path(run_dir) / MODEL_CHOICE
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
