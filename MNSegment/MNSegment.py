@@ -399,28 +399,25 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateButtons()
             return
         with slicer.util.tryWithErrorDisplay(_("Training could not start."), waitCursor=True):
-            p = self._parameterNode
-            self.ui.logTextEdit.clear()
-            job = self.logic.train(
-                self.labeledPairs(), self.checkedVolumes(), output_dir=p.outputFolder or None, preset=p.preset,
-                device=p.device, network=p.network, wait=False,
-                **self._callbacks(), **self.logic.overridesFromParameterNode(p),
-            )
-            self.startMonitoring(job, _("Training"))
+            self._startTraining(_("Training"), output_dir=self._parameterNode.outputFolder or None)
+
+    def _startTraining(self, title: str, **where) -> None:
+        """Train (``output_dir``) or Train more (``init_from``) with the panel's settings."""
+        p = self._parameterNode
+        self.ui.logTextEdit.clear()
+        job = self.logic.train(
+            self.labeledPairs(), self.checkedVolumes(), **where, preset=p.preset, device=p.device,
+            network=p.network, wait=False, **self._callbacks(), **self.logic.overridesFromParameterNode(p),
+        )
+        self.startMonitoring(job, title)
 
     def onTrainMore(self) -> None:
         """A new job (new folder) whose networks start from the finished training in the output folder."""
         with slicer.util.tryWithErrorDisplay(_("Training could not start."), waitCursor=True):
-            p = self._parameterNode
-            if not p.outputFolder:
+            folder = self._parameterNode.outputFolder
+            if not folder:
                 raise ValueError(_("Choose the output folder of the finished training to continue from."))
-            self.ui.logTextEdit.clear()
-            job = self.logic.train(
-                self.labeledPairs(), self.checkedVolumes(), init_from=p.outputFolder, preset=p.preset,
-                device=p.device, network=p.network, wait=False,
-                **self._callbacks(), **self.logic.overridesFromParameterNode(p),
-            )
-            self.startMonitoring(job, _("Training more"))
+            self._startTraining(_("Training more"), init_from=folder)
 
     def onResume(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Training could not be resumed."), waitCursor=True):
