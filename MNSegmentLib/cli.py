@@ -6,6 +6,9 @@ else. With ``--events`` stdout carries only JSON events, one per line.
 A stop request is SIGTERM or SIGINT, SIGBREAK on Windows (Ctrl+Break, what a console process group receives),
 or the file named by the environment variable ``MNSEGMENT_STOP_FILE`` appearing: that one needs no console and
 no signal, so it also reaches a worker behind a launcher that does not forward signals (Slicer on Windows).
+
+``--gpus N`` (train, resume, predict) runs the command as N ranks on this machine; under ``torchrun`` each rank
+runs this same command (:mod:`distributed`). Only rank 0 prints, logs below warnings and emits events.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import threading
 import traceback
 from pathlib import Path
 
+from . import distributed
 from .errors import Cancelled, InputError
 from .events import Events
 from .progressbar import terminal_progress
@@ -51,11 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--init-from", type=Path, default=None, metavar="RUN",
                        help="start from the networks of a finished run folder (e.g. after adding labels) "
                             "instead of from scratch; default train.steps: a quarter of RUN's")
+    train.add_argument("--gpus", default="1", metavar="N",
+                       help="run as N ranks on this machine, one per GPU (or 'all'); with --device cpu: N CPU "
+                            "(gloo) ranks. Under torchrun, ranks come from torchrun instead")
     train.add_argument("--events", action="store_true", help="JSON events on stdout, logs on stderr")
 
     resume = commands.add_parser("resume", help="continue an interrupted training run")
     resume.add_argument("run_dir", type=Path)
     resume.add_argument("--device", default=None, help="default: the device the run was started with")
+    resume.add_argument("--gpus", default="1", metavar="N",
+                       help="run as N ranks on this machine, one per GPU (or 'all'); with --device cpu: N CPU "
+                            "(gloo) ranks. Under torchrun, ranks come from torchrun instead")
     resume.add_argument("--events", action="store_true")
 
     predict = commands.add_parser("predict", help="segment images with a trained run folder")
@@ -64,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", type=Path, required=True, help="folder for <name>.nii.gz label maps")
     predict.add_argument("--network", choices=["3d", "2d", "ensemble"], default=None)
     predict.add_argument("--device", default="auto")
+    predict.add_argument("--gpus", default="1", metavar="N",
+                       help="run as N ranks on this machine, one per GPU (or 'all'); with --device cpu: N CPU "
+                            "(gloo) ranks. Under torchrun, ranks come from torchrun instead")
     predict.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
     predict.add_argument("--reference", type=Path, default=None,
                          help="label map (or folder, matched by file name) drawn as reference in the overlays")
@@ -149,33 +162,70 @@ def run(args: argparse.Namespace, events: Events, stop: threading.Event) -> int:
     return EXIT_OK
 
 
+def _launch_ranks(args: argparse.Namespace, argv: list[str], events: Events, stop: threading.Event) -> int | None:
+    """With ``--gpus`` above one (outside torchrun): runs the command as that many ranks and returns its exit
+    code; None when the command runs in this process."""
+    if distributed.in_launched_rank() or getattr(args, "gpus", "1") == "1":
+        return None
+    device = args.device
+    if args.command == "resume" and device is None:
+        device = distributed.run_config_device(args.run_dir)
+    count = distributed.gpu_count(args.gpus, device)
+    if count == 1:
+        return None
+
+    def failed(message: str) -> None:
+        print(f"mnsegment: error: {message}", file=sys.stderr)
+        events.emit("error", message=message, exit_code=EXIT_ERROR)
+
+    return distributed.launch(argv, count, stop, failed)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr)
-    use_events = getattr(args, "events", False)
-    events = Events(use_events, sys.stdout)
-    if use_events:
-        sys.stdout = sys.stderr  # anything a library prints goes to the log, never into the event stream
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS; set before CUDA starts
+    ranks = distributed.setup()  # joins the other ranks when started by --gpus N or torchrun
+    main_rank = ranks.is_main
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, stream=sys.stderr, datefmt="%H:%M:%S",
+                        format="%(asctime)s %(message)s" if ranks.world == 1 else
+                        f"%(asctime)s [rank {ranks.rank}] %(message)s")
+    use_events = getattr(args, "events", False)
+    events = Events(use_events and main_rank, sys.stdout)
+    if use_events or not main_rank:
+        sys.stdout = sys.stderr  # anything a library prints goes to the log, never into the event stream
     stop = threading.Event()
     _install_signal_handlers(stop)
     _watch_stop_file(stop)
+    distributed.watch_launcher(stop)
+    code = EXIT_ERROR
     try:
-        with terminal_progress(events, wanted=not use_events):  # a bar on a terminal; log lines otherwise
-            return run(args, events, stop)
+        launched = _launch_ranks(args, argv, events, stop)
+        if launched is not None:
+            code = launched
+            return code
+        with terminal_progress(events, wanted=not use_events and main_rank):  # a bar on a terminal; else logs
+            code = run(args, events, stop)
+    except distributed.PeerExit as peer:  # rank 0 failed before this rank's part began and reported it
+        code = peer.code
     except InputError as err:
-        print(f"mnsegment: error: {err}", file=sys.stderr)
-        events.emit("error", message=str(err), exit_code=EXIT_INPUT)
-        return EXIT_INPUT
+        code = EXIT_INPUT
+        if main_rank:  # every rank meets the same bad input; rank 0 alone reports it
+            print(f"mnsegment: error: {err}", file=sys.stderr)
+            events.emit("error", message=str(err), exit_code=EXIT_INPUT)
     except Cancelled:
-        print("mnsegment: cancelled; continue with 'mnsegment resume RUN_DIR'", file=sys.stderr)
-        events.emit("cancelled")
-        return EXIT_CANCELLED
+        code = EXIT_CANCELLED
+        if main_rank:
+            print("mnsegment: cancelled; continue with 'mnsegment resume RUN_DIR'", file=sys.stderr)
+            events.emit("cancelled")
     except Exception as err:  # the worker must always end with an exit code and an event
         traceback.print_exc()
         events.emit("error", message=f"{type(err).__name__}: {err}", exit_code=EXIT_ERROR)
-        return EXIT_ERROR
+        code = EXIT_ERROR
+    finally:
+        ranks.announce(code)  # rank 0 failing while the others wait for its preparation tells them so
+        distributed.teardown()
+    return code
 
 
 if __name__ == "__main__":

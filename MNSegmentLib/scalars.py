@@ -22,13 +22,16 @@ class Scalars:
     """Writes history records (and step times) as scalars at x = the step's index; a no-op without
     tensorboard."""
 
-    def __init__(self, run_dir: Path, written: int):
-        """``written``: how many history records earlier processes wrote already (a resumed run's step)."""
+    def __init__(self, run_dir: Path, written: int, enabled: bool = True):
+        """``written``: how many history records earlier processes wrote already (a resumed run's step).
+        ``enabled=False``: writes nothing (the ranks other than rank 0 of a distributed run)."""
         self.written = written
+        self.writer = None
+        if not enabled:
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # the optional extra is not installed: no scalars, training is unaffected
-            self.writer = None
             return
         self.writer = SummaryWriter(str(run_dir / FOLDER), flush_secs=10)
         log.info("TensorBoard scalars: tensorboard --logdir %s", run_dir / FOLDER)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .datalist import Datalist
 from .device import amp_for, configure_kernels
 from .errors import Cancelled, InputError
@@ -60,6 +60,12 @@ class Batch:
     y_l: torch.Tensor | None  # their labels
     x_u: torch.Tensor  # unlabeled patches, augmented
     x_clean: torch.Tensor | None  # the same before augmentation, when the teacher sees that view
+    n_labeled: int  # labeled and unlabeled patches of the step's global batch (all ranks together)
+    n_unlabeled: int
+
+    @property
+    def patches(self) -> int:
+        return self.n_labeled + self.n_unlabeled
 
 
 class Prefetcher:
@@ -97,6 +103,25 @@ class Prefetcher:
             self._pool.shutdown()
 
 
+def draw_patches(sampler: PatchSampler, indices: np.ndarray, seed: int, step: int,
+                 stream: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Patches number ``indices`` of step ``step``'s batch (crops, labels if any, augmented crops), each drawn
+    from its own stream (seed, step, stream, index): a patch is the same whichever rank draws it, so a batch
+    split over any number of ranks is the one batch a single process draws."""
+    if not len(indices):
+        crops, labels = sampler.crop(0, None)
+        return crops, labels, crops
+    crops, labels, augmented = [], [], []
+    for index in indices:
+        rng = np.random.default_rng([seed, step, stream, int(index)])
+        crop, label = sampler.crop(1, rng)
+        crops.append(crop)
+        augmented.append(sampler.augment_batch(crop, rng))
+        if label is not None:
+            labels.append(label)
+    return torch.cat(crops), torch.cat(labels) if labels else None, torch.cat(augmented)
+
+
 def refresh_steps(config: dict) -> list[int]:
     """The start of stage 2 and the ``train.refresh_at`` shares of all steps that fall in stage 2."""
     total, stage2, _ = stage_bounds(config)
@@ -125,6 +150,7 @@ class Trainer:
         self.run_dir, self.config, self.plan, self.device = run_dir, config, plan, device
         self.events = events
         self.stop = stop or threading.Event()
+        self.ranks = distributed.current()  # one rank unless started by --gpus N or torchrun
         self.num_classes = len(plan.label_values)
         self.seed = int(config["seed"])
         self.total, self.stage2, self.warmup = stage_bounds(config)
@@ -176,7 +202,8 @@ class Trainer:
         if not fresh:
             checkpoint.remove_partial(run_dir / CHECKPOINT)
             self._load_checkpoint()
-        self.scalars = Scalars(run_dir, written=len(self.history))
+        self.ranks.same_parameters(self.model2d, self.model3d)
+        self.scalars = Scalars(run_dir, written=len(self.history), enabled=self.ranks.is_main)
 
     # -- set-up ---------------------------------------------------------------------------------------------
     def _load_checkpoint(self) -> None:
@@ -203,6 +230,9 @@ class Trainer:
         log.info("resuming at step %d of %d", self.step, self.total)
 
     def save_checkpoint(self) -> Path:
+        if not self.ranks.is_main:  # rank 0 writes; the others wait until the file is complete
+            self.ranks.barrier()
+            return self.run_dir / CHECKPOINT
         path = checkpoint.save_atomic({
             "step": self.step, "model2d": self.model2d.state_dict(), "model3d": self.model3d.state_dict(),
             "opt2d": self.opt2d.state_dict(), "opt3d": self.opt3d.state_dict(),
@@ -214,6 +244,7 @@ class Trainer:
             if old.name != f"v{self.masks_version}":
                 shutil.rmtree(old, ignore_errors=True)
         self.events.emit("checkpoint", path=str(path), step=self.step)
+        self.ranks.barrier()
         return path
 
     # -- pseudo-masks ---------------------------------------------------------------------------------------
@@ -243,7 +274,7 @@ class Trainer:
 
     def refresh_masks(self, version: int) -> None:
         """Hard 3D predictions of every unlabeled volume; used only to aim unlabeled crops at foreground."""
-        if not self.unlabeled_images:
+        if not self.unlabeled_images or not self.ranks.is_main:  # the others load them: _share_masks
             return
         started = time.monotonic()
         masks = []
@@ -263,8 +294,15 @@ class Trainer:
         log.info("pseudo-masks of %d unlabeled volumes refreshed in %.1f s", len(masks),
                  time.monotonic() - started)
 
+    def _share_masks(self) -> None:
+        """After rank 0 refreshed the pseudo-masks (or was stopped midway), the other ranks load what it wrote."""
+        version = self.ranks.broadcast(self.masks_version)
+        if version != self.masks_version:
+            self.unlabeled.set_masks([np.load(self._mask_path(version, i)) for i in range(len(self.unlabeled_images))])
+            self.masks_version = version
+
     def validate(self) -> float | None:
-        if not self.validation:
+        if not self.validation or not self.ranks.is_main:
             return None
         scores = []
         for image, label in self.validation:
@@ -286,20 +324,26 @@ class Trainer:
                         recompute=True)
 
     def _train_student(self, network: str, x_l: torch.Tensor, y_l: torch.Tensor | None, x_u: torch.Tensor,
-                       x_teacher: torch.Tensor) -> torch.Tensor:
+                       x_teacher: torch.Tensor, patches: int | None = None) -> torch.Tensor:
         """One optimiser step of ``network``, returning its loss (on the device); on CUDA out-of-memory, retries
-        with half the micro-batch."""
+        with half the micro-batch. ``patches``: the step's global batch size (all ranks), default this batch's.
+        With several ranks, running out of memory is a collective decision: every rank retries, or none."""
         while True:
             try:
-                return self._accumulate(network, x_l, y_l, x_u, x_teacher)
-            except torch.cuda.OutOfMemoryError:
-                if self.micro_batch == 1:
-                    raise InputError("out of GPU memory even with one patch at a time; reduce "
-                                     "sampling.patch_size or model2d.chunk_slices, or use --device cpu") from None
+                return self._accumulate(network, x_l, y_l, x_u, x_teacher, patches)
+            except torch.cuda.OutOfMemoryError as error:
+                voted = isinstance(error, distributed.PeerOutOfMemory)  # learnt in _accumulate's all-reduce
             # Out of the except block: its traceback, which holds the failed step's tensors, is gone, so their
             # memory can really be released.
-            self.micro_batch = max(1, self.micro_batch // 2)
             torch.cuda.empty_cache()
+            if not voted:  # the other ranks wait in _accumulate's all-reduce for this rank's vote
+                optimizer = self.opt2d if network == "2d" else self.opt3d
+                self.ranks.sum_gradients(optimizer.param_groups[0]["params"], torch.zeros((), device=self.device),
+                                         True)
+            if self.micro_batch == 1:
+                raise InputError("out of GPU memory even with one patch at a time; reduce "
+                                 "sampling.patch_size or model2d.chunk_slices, or use --device cpu")
+            self.micro_batch = max(1, self.micro_batch // 2)
             log.warning("out of GPU memory: continuing with micro-batches of %d patches", self.micro_batch)
             self.events.emit("warning", message=f"out of GPU memory; micro-batch reduced to {self.micro_batch}")
 
@@ -316,7 +360,7 @@ class Trainer:
         return torch.softmax(logits / temperature, 1)
 
     def _accumulate(self, network: str, x_l: torch.Tensor, y_l: torch.Tensor | None, x_u: torch.Tensor,
-                    x_teacher: torch.Tensor) -> torch.Tensor:
+                    x_teacher: torch.Tensor, patches: int | None = None) -> torch.Tensor:
         """Loss and gradients over the batch in micro-batches. The loss is a mean of per-sample terms, so
         weighting each micro-batch by its share of the batch gives the full-batch gradient: exact as long as no
         network normalises with batch statistics (the 2D network never does, see models2d.SliceSegmenter; the
@@ -340,9 +384,14 @@ class Trainer:
                     unlabeled = x_teacher[max(start - n_labeled, 0):part.stop - n_labeled]
                     targets.append(self._teacher_targets(teacher, unlabeled))
                 loss = dice_kl_loss(self._forward(network, x[part]), torch.cat(targets))
-                loss = loss * (part.stop - start) / len(x)
+                loss = loss * (part.stop - start) / (patches or len(x))
             scaler.scale(loss).backward()
             total += loss.detach().float()
+        # Several ranks: the sum of their gradients is the global batch's (each weighted its patches by the
+        # global count), and the all-reduce tells every rank whether one of them ran out of memory.
+        total, failed = self.ranks.sum_gradients(optimizer.param_groups[0]["params"], total, False)
+        if failed:
+            raise distributed.PeerOutOfMemory()
         scaler.step(optimizer)
         scaler.update()
         return total
@@ -353,7 +402,7 @@ class Trainer:
         lrg = self.config["lrg"]
         factor = lr_factor(step, self.total, self.stage2, self.warmup)
         rng = step_rng(self.seed, step, 0)
-        torch_seed = int(rng.integers(2**62))  # dropout etc.: also a function of (seed, step)
+        torch_seed = int(rng.integers(2**62)) + self.ranks.rank  # dropout etc.: a function of (seed, step, rank)
         share = unlabeled_share(lrg["mode"], step, self.stage2, self.total, factor, 1.0, lrg["share"], lrg["cap"])
         if not len(self.unlabeled):
             share = 0.0
@@ -362,13 +411,13 @@ class Trainer:
         # "add": unlabeled patches come on top of a full labeled batch, so the supervised signal never shrinks
         # (docs/BENCHMARKS.md); "replace" (the reference code): they take labeled places.
         n_labeled = batch if lrg["unlabeled"] == "add" else batch - n_unlabeled
-        x_l, y_l = self.labeled.sample(n_labeled, rng)
-        x_clean, _ = self.unlabeled.crop(n_unlabeled, rng)
-        x_u = self.unlabeled.augment_batch(x_clean, rng)
+        mine = self.ranks.shard(n_labeled + n_unlabeled)  # this rank's share of the global batch
+        _, y_l, x_l = draw_patches(self.labeled, mine[mine < n_labeled], self.seed, step, 1)
+        x_clean, _, x_u = draw_patches(self.unlabeled, mine[mine >= n_labeled] - n_labeled, self.seed, step, 2)
         x_clean = x_clean if self.config["teacher"]["input"] == "clean" else None
         if self.device.type == "cuda":  # page-locked, so the copy to the GPU can overlap with computation
             x_l, y_l, x_u, x_clean = (t.pin_memory() if t is not None else None for t in (x_l, y_l, x_u, x_clean))
-        return Batch(step, masks_version, torch_seed, x_l, y_l, x_u, x_clean)
+        return Batch(step, masks_version, torch_seed, x_l, y_l, x_u, x_clean, n_labeled, n_unlabeled)
 
     def train_step(self, batch: Batch | None = None) -> dict:
         """One step at ``self.step``; ``batch`` is that step's :meth:`draw_batch` (drawn here if not given)."""
@@ -389,11 +438,11 @@ class Trainer:
         train_2d, train_3d = self._students(step)
         losses = {}
         if train_2d:
-            losses["loss_2d"] = self._train_student("2d", x_l, y_l, x_u, x_teacher)
+            losses["loss_2d"] = self._train_student("2d", x_l, y_l, x_u, x_teacher, batch.patches)
         if train_3d:
-            losses["loss_3d"] = self._train_student("3d", x_l, y_l, x_u, x_teacher)
+            losses["loss_3d"] = self._train_student("3d", x_l, y_l, x_u, x_teacher, batch.patches)
         values = dict(zip(losses, torch.stack(list(losses.values())).tolist()))  # the step's one host sync
-        n_labeled, n_unlabeled = len(batch.x_l), len(batch.x_u)
+        n_labeled, n_unlabeled = batch.n_labeled, batch.n_unlabeled
         return {"step": step, "stage": "warmup" if step < self.stage2 else "cotrain",
                 "unlabeled_share": n_unlabeled / (n_labeled + n_unlabeled), "lr_2d": t["lr_2d"] * factor,
                 "lr_3d": t["lr_3d"] * factor, "loss_2d": values.get("loss_2d"), "loss_3d": values.get("loss_3d")}
@@ -423,7 +472,8 @@ class Trainer:
                          weights_2d=self.weights_2d, stage2_start=self.stage2,
                          init_from=self.config.get("init_from"),
                          labeled=len(self.labeled), unlabeled=len(self.unlabeled),
-                         plan=list((self.plan.experiment or {}).get("why", [])))
+                         plan=list((self.plan.experiment or {}).get("why", [])),
+                         **({"ranks": self.ranks.world} if self.ranks.world > 1 else {}))
         log.info("training on %s: %d labeled, %d unlabeled volumes; 2D %s (%s); %d steps, co-training from %d",
                  self.device, len(self.labeled), len(self.unlabeled), self.config["model2d"]["name"],
                  self.weights_2d, self.total, self.stage2)
@@ -434,20 +484,22 @@ class Trainer:
             prefetch.close()
             self.scalars.close(self.history, self.timings)
         self.save_checkpoint()
-        checkpoint.save_atomic({"model2d": self.model2d.state_dict(), "model3d": self.model3d.state_dict()},
-                               self.run_dir / MODEL)
+        if self.ranks.is_main:
+            checkpoint.save_atomic({"model2d": self.model2d.state_dict(), "model3d": self.model3d.state_dict()},
+                                   self.run_dir / MODEL)
         return self.run_dir
 
     def _loop(self, refresh: list[int], prefetch: Prefetcher) -> None:
         t = self.config["train"]
         while self.step < self.total:
-            if self.stop.is_set():
+            if self.ranks.any(self.stop.is_set()):  # all ranks stop at the same step
                 self.save_checkpoint()
                 raise Cancelled()
             due = [i for i, p in enumerate(refresh) if p <= self.step]
             if due and due[-1] > self.masks_version:
                 prefetch.drop()  # it may be reading the masks about to be replaced; it is drawn again after
                 self.refresh_masks(due[-1])
+                self._share_masks()
                 continue  # re-checks the stop flag before the step
             started = time.monotonic()
             batch = prefetch.take(self.step, self.masks_version)

@@ -12,6 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from . import config as configuration
+from . import distributed
 from .continuation import SourceRun, source_of
 from .datalist import Datalist, load_datalist
 from .device import amp_for, resolve_device
@@ -48,6 +49,11 @@ def train(datalist_path: str | Path, output: str | Path, preset: str = "quick", 
     """
     events = events or Events(False)
     output = Path(output).absolute()
+    ranks = distributed.current()
+    if not ranks.is_main:  # rank 0 checks the input and preprocesses alone; the others train from its run folder
+        ranks.wait_for_main()
+        return resume(output, device, events, stop)
+    ranks.main_prepares()  # the CLI announces a failure until the run folder is ready (below)
     overrides = overrides or {}
     source = SourceRun.open(init_from) if init_from is not None else None
     if source is not None:
@@ -55,7 +61,8 @@ def train(datalist_path: str | Path, output: str | Path, preset: str = "quick", 
     config = configuration.apply_overrides(configuration.preset(preset), overrides)
     config["preset"] = preset
     datalist = load_datalist(datalist_path)
-    torch_device = resolve_device(device)
+    torch_device = ranks.place(resolve_device(device))
+    ranks.check_batch(config["sampling"]["batch_size"])
     _fresh_output(output)
     writable_folder(output.parent, "--output")
     _warn_if_labeled_only(datalist, config, events)
@@ -98,6 +105,7 @@ def train(datalist_path: str | Path, output: str | Path, preset: str = "quick", 
         shutil.rmtree(partial, ignore_errors=True)
     log.info("plan: spacing %s mm, %s normalisation, classes %s", plan.target_spacing, plan.normalization,
              plan.classes)
+    ranks.announce(0)
     return _run(output, config, plan, torch_device, events, stop, pretrained2d=pretrained2d, initial=initial)
 
 
@@ -169,7 +177,7 @@ def resume(run_dir: str | Path, device: str | None = None, events: Events | None
     if (run_dir / MODEL).exists():
         raise InputError(f"{run_dir} has finished training already (model.pt exists); nothing to resume")
     plan = Plan.from_json(configuration.load(run_dir / "plan.json"))
-    torch_device = resolve_device(device or config.get("device", "auto"))
+    torch_device = distributed.current().place(resolve_device(device or config.get("device", "auto")))
     return _run(run_dir, config, plan, torch_device, events or Events(False), stop, resuming=True)
 
 
@@ -178,6 +186,7 @@ def _run(run_dir: Path, config: dict, plan: Plan, device: torch.device, events: 
          pretrained2d: tuple[dict[str, torch.Tensor], str] | None = None,
          initial: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     datalist = load_datalist(run_dir / "datalist.json", check_files=False)
+    distributed.current().check_batch(config["sampling"]["batch_size"])  # a resume may bring more ranks
     if resuming:
         _warn_if_labeled_only(datalist, config, events)
         source = source_of(config)
@@ -185,6 +194,8 @@ def _run(run_dir: Path, config: dict, plan: Plan, device: torch.device, events: 
             initial = source.load_state()
     trainer = Trainer(run_dir, config, plan, datalist, device, events, stop, pretrained2d, initial)
     trainer.run()
+    if not trainer.ranks.is_main:  # what follows writes files and events: rank 0's part
+        return run_dir
     _write_curves(run_dir, trainer.history, events)
     choice = _choose_network(trainer)
     write_json_atomic(run_dir / MODEL_CHOICE, choice)
@@ -263,7 +274,8 @@ def predict(model_dir: str | Path, images: list[str | Path], output_dir: str | P
     events = events or Events(False)
     paths = [Path(p).absolute() for p in images]
     check_images(paths)
-    torch_device = resolve_device(device)
+    ranks = distributed.current()
+    torch_device = ranks.place(resolve_device(device))
     config, plan, model2d, model3d = load_models(Path(model_dir), torch_device)
     writable_folder(Path(output_dir), "--output")
     network = network or _default_network(Path(model_dir), config)
@@ -284,7 +296,41 @@ def predict(model_dir: str | Path, images: list[str | Path], output_dir: str | P
             raise Cancelled()
         events.emit("prediction", index=i, total=len(paths), image=str(source), path=str(written))
 
+    if ranks.world > 1:
+        def finish(source: Path, written: Path) -> None:
+            if overlay:
+                write_overlay(source, written, reference_files.get(source), names)
+
+        return _predict_on_ranks(ranks, paths, Path(output_dir), plan, predict_fn, config, torch_device, amp.dtype,
+                                 finish, events, stop)
     return predict_files(paths, Path(output_dir), plan, predict_fn, config, torch_device, amp.dtype, done)
+
+
+def _predict_on_ranks(ranks: distributed.Ranks, paths: list[Path], output_dir: Path, plan: Plan, predict_fn,
+                      config: dict, device: torch.device, autocast_dtype: torch.dtype | None, finish,
+                      events: Events, stop: threading.Event | None) -> list[Path]:
+    """One scan per rank at a time (rank r takes scans r, r + N, ...), each predicted exactly as one process
+    would. After each round rank 0 reports the round's scans in order, and the ranks agree on a stop request:
+    a stop ends the command between rounds, with every written file complete."""
+    mine = list(range(ranks.rank, len(paths), ranks.world))
+    rounds = -(-len(paths) // ranks.world)
+    written: dict[int, Path] = {}
+    for round_ in range(rounds):
+        result = None
+        if round_ < len(mine):
+            i = mine[round_]
+            out = predict_files([paths[i]], output_dir, plan, predict_fn, config, device, autocast_dtype)[0]
+            finish(paths[i], out)
+            result = (i, str(out))
+        for item in ranks.gather(result):
+            if item is not None:
+                i, out = item
+                written[i] = Path(out)
+                log.info("%s -> %s", paths[i], out)
+                events.emit("prediction", index=i, total=len(paths), image=str(paths[i]), path=out)
+        if round_ + 1 < rounds and ranks.any(stop is not None and stop.is_set()):
+            raise Cancelled()
+    return [written[i] for i in sorted(written)]
 
 
 def _default_network(run_dir: Path, config: dict) -> str:
