@@ -16,7 +16,7 @@ import qt
 import slicer
 from MNSegmentSlicerLib import job as jobs
 from MNSegmentSlicerLib import progress, selection
-from MNSegmentSlicerLib.logic import NETWORKS, PRESETS, gpu_info
+from MNSegmentSlicerLib.logic import ALL_GPUS, NETWORKS, PRESETS, device_choices, gpu_info
 from MNSegmentSlicerLib.logic import MNSegmentLogic as SceneLogic
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
@@ -62,7 +62,7 @@ Implements the method of "Semi-Supervised 3D Medical Segmentation from 2D Natura
 @parameterNodeWrapper
 class MNSegmentParameterNode:
     preset: Annotated[str, Choice(list(PRESETS))] = "quick"
-    device: Annotated[str, Choice(["auto", "gpu", "cpu"])] = "auto"
+    device: Annotated[str, Choice(["auto", "gpu", "cpu", ALL_GPUS])] = "auto"  # "all": offered with 2+ GPUs
     backbone2d: str = ""
     network3d: str = ""
     # Ranges as in the .ui: parameterNodeWrapper would otherwise set ±2^31 on the spin boxes. 0: the preset's.
@@ -382,6 +382,12 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if gpus is None:
             return
         self.gpuTimer.stop()
+        if ALL_GPUS not in device_choices(gpus):  # "all" (one training process per GPU) needs several GPUs
+            combo = self.ui.deviceComboBox
+            if combo.findText(ALL_GPUS) >= 0:
+                if self._parameterNode and self._parameterNode.device == ALL_GPUS:
+                    self._parameterNode.device = "auto"
+                combo.removeItem(combo.findText(ALL_GPUS))
         if gpus:
             self.ui.gpuLabel.text = "; ".join(f"GPU {g['index']}: {g['name']}, {g['memory_gb']:.0f} GB" for g in gpus)
         else:

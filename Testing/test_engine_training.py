@@ -158,12 +158,12 @@ def test_2d_weights_from_a_local_file(tmp_path, tiny_data, monkeypatch):
 def test_unlabeled_patches_replace_or_add_to_the_labeled_batch(tmp_path_factory, composition, expected):
     trainer = _trainer(trained_run(tmp_path_factory).run_dir)
     trainer.config["lrg"].update(mode="fixed", share=0.5, cap=1.0, unlabeled=composition)
-    drawn = {}
-    for name in ("labeled", "unlabeled"):  # record what the real samplers are asked for
+    drawn = {"labeled": 0, "unlabeled": 0}
+    for name in ("labeled", "unlabeled"):  # record what the real samplers are asked for (patch by patch)
         sampler = getattr(trainer, name)
 
         def counting(n, rng, original=sampler.crop, name=name):
-            drawn[name] = n
+            drawn[name] += n
             return original(n, rng)
 
         sampler.crop = counting

@@ -95,14 +95,35 @@ def gpu_info() -> list[dict]:
     return gpus
 
 
+#: Device choice: every GPU of this machine, one training process (rank) each (``mnsegment --gpus all``).
+ALL_GPUS = "all"
+
+
+def device_choices(gpus: list[dict]) -> list[str]:
+    """The device setting's choices for the GPUs :func:`gpu_info` found: "all" only when there are several."""
+    return ["auto", "gpu", "cpu"] + ([ALL_GPUS] if len(gpus) > 1 else [])
+
+
 def device_argument(device: str) -> str:
-    """UI / user device choice → engine ``--device`` value."""
+    """UI / user device choice → engine ``--device`` value (or :data:`ALL_GPUS`, see :func:`engine_device_args`)."""
     d = str(device or "auto").strip().lower()
     if d in ("gpu", "cuda"):
         return "cuda"
+    if d in (ALL_GPUS, "all gpus"):
+        return ALL_GPUS
     if d.startswith("cuda:") or d in ("cpu", "auto"):
         return d
-    raise ValueError(f"Unknown device {device!r}: use auto, gpu, cpu or cuda:N")
+    raise ValueError(f"Unknown device {device!r}: use auto, gpu, all, cpu or cuda:N")
+
+
+def _gpus_args(device: str) -> list[str]:
+    """All GPUs: the engine starts one rank per GPU itself; its events stay one stream (rank 0's)."""
+    return ["--gpus", "all"] if device == ALL_GPUS else []
+
+
+def engine_device_args(device: str) -> list[str]:
+    """The engine's ``--device`` (and ``--gpus``) options for a :func:`device_argument` value."""
+    return ["--device", "cuda", *_gpus_args(device)] if device == ALL_GPUS else ["--device", device]
 
 
 def _device_env(device: str) -> dict[str, str]:
@@ -317,7 +338,7 @@ class MNSegmentLogic:
                      "overrides": settings})
         folder.mkdir(parents=True, exist_ok=True)
         args = ["train", str(folder / DATALIST_FILE), "--output", str(folder / RUN_DIR), "--preset", preset,
-                "--device", device]
+                *engine_device_args(device)]
         for key, value in settings.items():
             args += ["--set", f"{key}={_set_value(value)}"]
         if source_run is not None:
@@ -341,7 +362,8 @@ class MNSegmentLogic:
                              on_finished, load=False)
         meta = _read_json(folder / JOB_FILE)
         device = meta.get("device", "auto")
-        phases = [Phase("train", ["resume", str(folder / meta.get("run_dir", RUN_DIR)), "--events"]),
+        phases = [Phase("train", ["resume", str(folder / meta.get("run_dir", RUN_DIR)), "--events",
+                                  *_gpus_args(device)]),
                   self._predict_phase(folder, meta, device, meta.get("network", "3d"))]
         return self._run(phases, folder, self._get_scene(), wait, on_progress, on_log, on_event, on_phase,
                          on_finished)
@@ -357,7 +379,8 @@ class MNSegmentLogic:
         def arguments():
             if not images:
                 return None
-            return ["predict", "--model", str(run_dir), "--output", str(out), "--network", network, *images]
+            return ["predict", "--model", str(run_dir), "--output", str(out), "--network", network,
+                    *_gpus_args(device), *images]
 
         return Phase("predict", [], before=arguments, env=_device_env(device))
 
