@@ -1,16 +1,19 @@
 """Several ranks (``--gpus 2 --device cpu``: two gloo processes) as real ``mnsegment`` subprocesses on a tiny task.
 
 One 2-rank training is stopped by a SIGTERM to one of its ranks only, then resumed on 1 rank and, separately, on
-2 ranks; both loss curves must match an uninterrupted 1-rank run with the same global batch. The 2-rank model
-then predicts scans on 2 ranks and on 1 process, byte for byte the same. Independent subprocesses run
-concurrently: most of their cost is Python start-up. The GPU (NCCL) path cannot run here.
+2 ranks started by an external ``torchrun``; both loss curves must match an uninterrupted 1-rank run with the
+same global batch. The 2-rank model then predicts scans on 2 ranks and on 1 process, byte for byte the same.
+Independent subprocesses run concurrently: most of their cost is Python start-up. The GPU (NCCL) path cannot
+run here; the collective out-of-memory decision is driven by a stand-in for a small GPU.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,6 +33,12 @@ SETTINGS = {**TINY_SET, "train.steps": STEPS, "train.warmup_fraction": 0.5, "tra
 def _train_args(datalist: Path, output: Path, *extra: str) -> list[str]:
     return ["train", str(datalist), "--output", str(output), "--preset", "quick", "--device", "cpu", "--events",
             *set_args(SETTINGS), *extra]
+
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node 2 ARGS`` (the launcher of several machines, on this one)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    return subprocess.run(command, capture_output=True, text=True, encoding="utf-8", env=cli_env(), timeout=600)
 
 
 def _history(run_dir: Path) -> list[dict]:
@@ -80,8 +89,8 @@ def runs(tmp_path_factory) -> dict:
         cancelled, children = _cancel_on_one_rank(_train_args(datalist, root / "two", "--gpus", "2"))
         shutil.copytree(root / "two", root / "two_then_one")
         resumed = {"one": pool.submit(run_cli, "resume", str(root / "two_then_one"), "--events", timeout=600),
-                   "two": pool.submit(run_cli, "resume", str(root / "two"), "--events", "--gpus", "2",
-                                      timeout=600)}
+                   "two": pool.submit(_torchrun, "-m", "MNSegmentLib.cli", "resume", str(root / "two"),
+                                      "--events")}
         result = {"root": root, "datalist": datalist, "reference": reference.result(), "bad": bad.result(),
                   "cancelled": cancelled, "children": children,
                   "resumed": {k: v.result() for k, v in resumed.items()}}
@@ -112,6 +121,19 @@ def test_a_stop_seen_by_one_rank_is_agreed_and_leaves_no_process(runs):
     while _alive(runs["children"]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _alive(runs["children"]), [p.cmdline() for p in _alive(runs["children"])]
+
+
+def test_running_out_of_memory_on_one_rank_halves_the_micro_batch_on_every_rank(runs):
+    assert runs["reference"].returncode == 0
+    out = runs["root"] / "oom"
+    result = _torchrun(str(Path(__file__).with_name("distributed_oom_standin.py")), str(runs["root"] / "one"),
+                       str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank1["refused"] == 2 and rank0["refused"] == 0  # 4 patches, then 4 again; 2 fit
+    assert rank0["micro_batch"] == rank1["micro_batch"] == 2
+    assert rank0["checksum"] == rank1["checksum"]  # the same update on both ranks
+    assert rank0["loss_3d"] == rank1["loss_3d"] and np.isfinite(rank0["loss_3d"])
 
 
 @pytest.mark.parametrize("resumed_on", ["one", "two"])

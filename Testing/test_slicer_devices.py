@@ -4,6 +4,8 @@ engine for (slicer-core, no Qt). No GPU here: the engine is not started, the pha
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import slicer_test_utils  # noqa: F401  (puts MNSegment/ on sys.path)
@@ -41,9 +43,9 @@ def test_train_resume_and_predict_phases_ask_for_all_gpus(tmp_path, monkeypatch,
     logic.train([(volume, segmentation)], [unlabeled], output_dir=tmp_path / "job", device=device)
     train, predict = started[0][1], started[0][2]
     assert train.args[train.args.index("--device"):][:2 + len(gpus)] == ["--device", "cuda", *gpus]
-    started[0][0].run(None)  # the export phase writes job.json, which resume and predict read
+    started[0][0].run(threading.Event())  # the export phase writes job.json, which resume and predict read
     predict_args = predict.before()
     assert predict_args[:1] == ["predict"] and ("--gpus" in predict_args) == bool(gpus)
     logic.resume(tmp_path / "job")
     resume = started[1][0]
-    assert resume.args[:1] == ["resume"] and resume.args[-len(gpus) or len(resume.args):] == gpus
+    assert resume.args[:1] == ["resume"] and (resume.args[-2:] == ["--gpus", "all"]) == bool(gpus)
