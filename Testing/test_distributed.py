@@ -2,7 +2,7 @@
 
 One 2-rank training is stopped by a SIGTERM to one of its ranks only, then resumed on 1 rank and, separately, on
 2 ranks started by an external ``torchrun``; both loss curves must match an uninterrupted 1-rank run with the
-same global batch. The 2-rank model then predicts scans on 2 ranks and on 1 process, byte for byte the same.
+same global batch. A trained model predicts scans on 2 ranks and on 1 process, byte for byte the same.
 Independent subprocesses run concurrently: most of their cost is Python start-up. The GPU (NCCL) path cannot
 run here; the collective out-of-memory decision is driven by a stand-in for a small GPU.
 """
@@ -78,23 +78,37 @@ def _cancel_on_one_rank(args: list[str]) -> tuple[subprocess.CompletedProcess, l
     return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(lines) + out, err), children
 
 
+def _predict(model: Path, images: list[Path], output: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run_cli("predict", *map(str, images), "--model", str(model), "--output", str(output), "--device", "cpu",
+                   "--events", *extra)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
+    """Every subprocess of this module, in two concurrent batches (the second needs the first's run folders)."""
     root = tmp_path_factory.mktemp("distributed")
     datalist = make_dataset(root / "data", n_labeled=3, n_unlabeled=2)
-    with ThreadPoolExecutor(3) as pool:
+    images = sorted((root / "data" / "images").glob("*.nii.gz"))[:3]  # rank 0 predicts 2 scans, rank 1 one
+    with ThreadPoolExecutor(5) as pool:
         reference = pool.submit(run_cli, *_train_args(datalist, root / "one"), timeout=600)
         bad = pool.submit(run_cli, *_train_args(root / "nowhere" / "datalist.json", root / "bad", "--gpus", "2"),
                           timeout=600)
         cancelled, children = _cancel_on_one_rank(_train_args(datalist, root / "two", "--gpus", "2"))
         shutil.copytree(root / "two", root / "two_then_one")
-        resumed = {"one": pool.submit(run_cli, "resume", str(root / "two_then_one"), "--events", timeout=600),
-                   "two": pool.submit(_torchrun, "-m", "MNSegmentLib.cli", "resume", str(root / "two"),
-                                      "--events")}
-        result = {"root": root, "datalist": datalist, "reference": reference.result(), "bad": bad.result(),
-                  "cancelled": cancelled, "children": children,
-                  "resumed": {k: v.result() for k, v in resumed.items()}}
-    return result
+        reference.result()
+        later = {
+            "one": pool.submit(run_cli, "resume", str(root / "two_then_one"), "--events", timeout=600),
+            "two": pool.submit(_torchrun, "-m", "MNSegmentLib.cli", "resume", str(root / "two"), "--events"),
+            "oom": pool.submit(_torchrun, str(Path(__file__).with_name("distributed_oom_standin.py")),
+                               str(root / "one"), str(root / "oom")),
+            "predict1": pool.submit(_predict, root / "one", images, root / "pred1"),
+            "predict2": pool.submit(_predict, root / "one", images, root / "pred2", "--gpus", "2"),
+        }
+        later = {k: v.result() for k, v in later.items()}
+    return {"root": root, "datalist": datalist, "images": images, "reference": reference.result(),
+            "bad": bad.result(), "cancelled": cancelled, "children": children,
+            "resumed": {k: later[k] for k in ("one", "two")}, "oom": later["oom"],
+            "predict": (later["predict1"], later["predict2"])}
 
 
 def test_bad_input_is_reported_once_by_rank_0(runs):
@@ -124,10 +138,7 @@ def test_a_stop_seen_by_one_rank_is_agreed_and_leaves_no_process(runs):
 
 
 def test_running_out_of_memory_on_one_rank_halves_the_micro_batch_on_every_rank(runs):
-    assert runs["reference"].returncode == 0
-    out = runs["root"] / "oom"
-    result = _torchrun(str(Path(__file__).with_name("distributed_oom_standin.py")), str(runs["root"] / "one"),
-                       str(out))
+    out, result = runs["root"] / "oom", runs["oom"]
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank1["refused"] == 2 and rank0["refused"] == 0  # 4 patches, then 4 again; 2 fit
@@ -157,15 +168,8 @@ def test_a_2_rank_checkpoint_resumes_on_1_and_2_ranks_with_the_1_rank_loss_curve
 
 
 def test_2_rank_predict_equals_1_process_predict_byte_for_byte(runs):
-    model = runs["root"] / "two"
-    assert runs["resumed"]["two"].returncode == 0
-    images = sorted((runs["root"] / "data" / "images").glob("*.nii.gz"))[:3]  # rank 0: 2 scans, rank 1: 1
-    with ThreadPoolExecutor(2) as pool:
-        one = pool.submit(run_cli, "predict", *map(str, images), "--model", str(model), "--output",
-                          str(runs["root"] / "pred1"), "--device", "cpu", "--events")
-        two = pool.submit(run_cli, "predict", *map(str, images), "--model", str(model), "--output",
-                          str(runs["root"] / "pred2"), "--device", "cpu", "--gpus", "2", "--events")
-        one, two = one.result(), two.result()
+    one, two = runs["predict"]
+    images = runs["images"]
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
     events = parse_events(two.stdout)
