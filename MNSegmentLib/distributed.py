@@ -38,6 +38,7 @@ LAUNCHER_PID_VARIABLE = "MNSEGMENT_LAUNCHER_PID"
 # must outlast that. A rank that dies is noticed at once anyway (its sockets close).
 CONTROL_TIMEOUT = timedelta(hours=12)
 EXIT_GRACE_S = 30.0  # once a rank has failed, how long the others get to end before they are killed
+FORWARD_EVERY_S = 5.0  # a stop request is passed on again: a rank still starting up ignores it
 
 
 class PeerExit(Exception):
@@ -255,6 +256,9 @@ def _free_port() -> int:
 
 def _rank_entry(local_rank: int, argv: list[str], world: int, port: int, launcher: int) -> None:
     """A rank started by :func:`launch`: torchrun's environment, then the ordinary command line."""
+    for name in ("SIGTERM", "SIGINT"):  # a stop request during start-up must not kill the rank: main() handles it
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
     os.environ.update({"RANK": str(local_rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(world),
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                        LAUNCHER_PID_VARIABLE: str(launcher)})
@@ -266,19 +270,20 @@ def _rank_entry(local_rank: int, argv: list[str], world: int, port: int, launche
 def launch(argv: list[str], nprocs: int, stop: threading.Event, on_failure) -> int:
     """Runs ``mnsegment argv`` as ``nprocs`` ranks on this machine and returns the command's exit code.
 
-    A stop request (``stop``) is passed on to every rank as SIGTERM (the ranks also watch the stop file
-    themselves). Rank 0 reports its own outcome; ``on_failure(message)`` is called only when it could not (it was
-    killed, or another rank failed while rank 0 finished)."""
+    A stop request (``stop``) is passed on to every rank as SIGTERM, again every few seconds until they end (the
+    ranks also watch the stop file themselves). Rank 0 reports its own outcome; ``on_failure(message)`` is
+    called only when it could not (it was killed, or another rank failed while rank 0 finished)."""
     import torch.multiprocessing as mp
 
     context = mp.start_processes(_rank_entry, args=(argv, nprocs, _free_port(), os.getpid()), nprocs=nprocs,
                                  join=False, start_method="spawn")
     processes = context.processes
-    forwarded, deadline = False, None
+    forwarded, deadline = -FORWARD_EVERY_S, None
     while any(p.exitcode is None for p in processes):
         wait([p.sentinel for p in processes if p.exitcode is None], timeout=0.5)
-        if stop.is_set() and not forwarded and os.name == "posix":  # Windows' SIGTERM would kill at once
-            forwarded = True
+        # (Windows' SIGTERM would kill at once: there the ranks see the stop file only.)
+        if stop.is_set() and time.monotonic() - forwarded > FORWARD_EVERY_S and os.name == "posix":
+            forwarded = time.monotonic()
             for p in processes:
                 if p.exitcode is None:
                     os.kill(p.pid, signal.SIGTERM)
