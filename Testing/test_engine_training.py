@@ -198,13 +198,13 @@ def test_teacher_sees_the_augmented_patch_or_the_clean_crop(tmp_path_factory, vi
     trainer = _trainer(trained_run(tmp_path_factory).run_dir)
     trainer.config["lrg"].update(mode="fixed", share=1.0)
     trainer.config["teacher"]["input"] = view
-    seen = {}
+    seen = {"crop": [], "augment": [], "teacher": []}  # every call (patches are drawn one at a time)
     crop, augment, targets = trainer.unlabeled.crop, trainer.unlabeled.augment_batch, trainer._teacher_targets
 
     def record(name, function):
         def wrapper(*args):
             out = function(*args)
-            seen[name] = (args, out)
+            seen[name].append((args, out))
             return out
         return wrapper
 
@@ -213,9 +213,10 @@ def test_teacher_sees_the_augmented_patch_or_the_clean_crop(tmp_path_factory, vi
     trainer._teacher_targets = record("teacher", targets)
     trainer.step = trainer.stage2
     trainer.train_step()
-    clean, augmented = seen["crop"][1][0], seen["augment"][1]
+    clean = torch.cat([out[0] for _, out in seen["crop"]])
+    augmented = torch.cat([out for _, out in seen["augment"]])
     assert not torch.equal(clean, augmented)  # the augmentation did change this batch
-    teacher_input = seen["teacher"][0][1]
+    teacher_input = torch.cat([args[1] for args, _ in seen["teacher"]])
     assert torch.equal(teacher_input, clean if view == "clean" else augmented)
 
 
