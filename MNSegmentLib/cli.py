@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--init-from", type=Path, default=None, metavar="RUN",
                        help="start from the networks of a finished run folder (e.g. after adding labels) "
                             "instead of from scratch; default train.steps: a quarter of RUN's")
+    train.add_argument("--preview", type=Path, default=None, metavar="IMAGE",
+                       help="at each checkpoint, write the current prediction of IMAGE to RUN/preview.nii.gz "
+                            "(on IMAGE's grid) and emit a 'preview' event")
     train.add_argument("--events", action="store_true", help="JSON events on stdout, logs on stderr")
 
     resume = commands.add_parser("resume", help="continue an interrupted training run")
@@ -126,8 +129,11 @@ def run(args: argparse.Namespace, events: Events, stop: threading.Event) -> int:
     from .config import parse_set_args
 
     if args.command == "train":
-        workflow.train(args.datalist, args.output, args.preset, args.device, parse_set_args(args.overrides),
-                       events, stop, init_from=args.init_from)
+        overrides = parse_set_args(args.overrides)
+        if args.preview is not None:
+            overrides["preview"] = str(args.preview)
+        workflow.train(args.datalist, args.output, args.preset, args.device, overrides, events, stop,
+                       init_from=args.init_from)
     elif args.command == "resume":
         workflow.resume(args.run_dir, args.device, events, stop)
     elif args.command == "predict":

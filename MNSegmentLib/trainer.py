@@ -33,6 +33,7 @@ from .lrg import split_batch, unlabeled_share
 from .models2d import build_model2d
 from .models3d import build_model3d
 from .preprocess import Plan, load_cached
+from .preview import Preview
 from .sampling import PatchSampler
 from .scalars import Scalars
 from .schedule import lr_factor, stage_bounds
@@ -177,6 +178,7 @@ class Trainer:
             checkpoint.remove_partial(run_dir / CHECKPOINT)
             self._load_checkpoint()
         self.scalars = Scalars(run_dir, written=len(self.history))
+        self.preview: Preview | None = None  # opened by run(): reading the image is not part of set-up
 
     # -- set-up ---------------------------------------------------------------------------------------------
     def _load_checkpoint(self) -> None:
@@ -215,6 +217,12 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
         self.events.emit("checkpoint", path=str(path), step=self.step)
         return path
+
+    def write_preview(self) -> None:
+        """The chosen volume's prediction by the networks as they are now (``--preview``), at each checkpoint."""
+        if self.preview is not None:
+            self.preview.write(self.model2d, self.model3d, self.config, self.plan, self.device, self.amp.dtype,
+                               self.step, self.events)
 
     # -- pseudo-masks ---------------------------------------------------------------------------------------
     def _mask_path(self, version: int, index: int) -> Path:
@@ -427,6 +435,7 @@ class Trainer:
         log.info("training on %s: %d labeled, %d unlabeled volumes; 2D %s (%s); %d steps, co-training from %d",
                  self.device, len(self.labeled), len(self.unlabeled), self.config["model2d"]["name"],
                  self.weights_2d, self.total, self.stage2)
+        self.preview = Preview.open(self.config, self.plan, self.run_dir, self.events)
         prefetch = Prefetcher(self.draw_batch, self.config["train"]["prefetch"])
         try:
             self._loop(refresh, prefetch)
@@ -434,6 +443,7 @@ class Trainer:
             prefetch.close()
             self.scalars.close(self.history, self.timings)
         self.save_checkpoint()
+        self.write_preview()
         checkpoint.save_atomic({"model2d": self.model2d.state_dict(), "model3d": self.model3d.state_dict()},
                                self.run_dir / MODEL)
         return self.run_dir
@@ -462,9 +472,11 @@ class Trainer:
             self.history.append(record)
             eta = float(np.mean([took for _, took in self.timings[-50:]])) * (self.total - self.step)
             self._progress = {**record, "step": self.step, "total_steps": self.total, "eta_s": eta}
-            self._report(force=self.step in (self.stage2, self.total))
+            # a validation Dice is always reported: the live chart must not miss the few there are
+            self._report(force=self.step in (self.stage2, self.total) or "val_dice" in record)
             if self.step % t["checkpoint_every"] == 0 and self.step < self.total:
                 self.save_checkpoint()
+                self.write_preview()
 
 
 def _fmt(value: float | None) -> str:
