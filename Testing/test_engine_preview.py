@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
+import pytest
 import SimpleITK as sitk
 from engine_fixtures import TINY_SET, make_dataset, parse_events, run_cli, set_args, sphere_arrays, to_image
+
+from MNSegmentLib.errors import InputError
+from MNSegmentLib.workflow import train
 
 
 def test_preview_is_written_on_the_input_grid_at_each_checkpoint(tmp_path):
@@ -19,11 +25,11 @@ def test_preview_is_written_on_the_input_grid_at_each_checkpoint(tmp_path):
                     str(chosen))
     run_dir = tmp_path / "run"
     result = run_cli("train", datalist, "--output", run_dir, "--preset", "quick", "--device", "cpu", "--events",
-                     "--preview", chosen, *set_args({**TINY_SET, "train.steps": 12, "train.checkpoint_every": 6}))
+                     "--preview", chosen, *set_args({**TINY_SET, "train.steps": 4, "train.checkpoint_every": 2}))
     assert result.returncode == 0, result.stderr[-3000:]
     events = parse_events(result.stdout)
     previews = [e for e in events if e["event"] == "preview"]
-    assert [e["step"] for e in previews] == [6, 12]  # each checkpoint, the last one included
+    assert [e["step"] for e in previews] == [2, 4]  # each checkpoint, the last one included
     assert all(e["path"] == str(run_dir / "preview.nii.gz") and e["image"] == str(chosen) for e in previews)
     assert events.index(previews[-1]) < [e["event"] for e in events].index("done")
 
@@ -36,10 +42,9 @@ def test_preview_is_written_on_the_input_grid_at_each_checkpoint(tmp_path):
 
 
 def test_unreadable_preview_is_refused_before_anything_is_made(tmp_path):
+    """In-process (the CLI turns an InputError into exit code 2 and its one line, test_engine_cli.py)."""
     datalist = make_dataset(tmp_path / "data", n_labeled=1, n_unlabeled=0)
     missing = tmp_path / "nowhere.nii.gz"
-    result = run_cli("train", datalist, "--output", tmp_path / "run", "--preset", "quick", "--device", "cpu",
-                     "--preview", missing, *set_args({**TINY_SET, "train.steps": 4}))
-    assert result.returncode == 2
-    assert f"--preview {missing}: file not found" in result.stderr
+    with pytest.raises(InputError, match=f"--preview {re.escape(str(missing))}: file not found"):
+        train(datalist, tmp_path / "run", "quick", "cpu", {**TINY_SET, "train.steps": 4, "preview": str(missing)})
     assert not (tmp_path / "run").exists() and not list(tmp_path.glob(".run*"))
