@@ -154,6 +154,10 @@ def test_training_shows_its_preview_and_chart_in_the_scene(tmp_path):
     for what in ("GetSpacing", "GetOrigin", "GetDirection"):
         np.testing.assert_allclose(getattr(written, what)(), getattr(exported, what)(), atol=1e-5)
     assert _rows(chart, "unlabeled_share")[-1][0] == 4  # the last step's progress event reached the chart
+    # Resume shows the same volume's preview (job.json names it). (This run has finished: nothing to wait for.)
+    resumed = logic.resume(tmp_path / "job")
+    assert logic.preview is not None and logic.preview.volume is volumes[2]
+    resumed.cancel(wait=True)
 
 
 def _job_meta(folder):

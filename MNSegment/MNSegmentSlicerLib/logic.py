@@ -332,8 +332,11 @@ class MNSegmentLogic:
         if source_run is not None:
             args += ["--init-from", str(source_run)]
             meta["init_from"] = str(source_run)
+        self.preview = None
         if preview is not None:
-            args += ["--preview", str(folder / self._case_of(meta, preview)["image"])]
+            case = self._case_of(meta, preview)
+            args += ["--preview", str(folder / case["image"])]
+            meta["preview"] = case["stem"]  # so that Resume shows it too
             on_event = self._showing_preview(LivePreview(preview, meta["classes"]), on_event)
         args.append("--events")
         phases = [Phase("export", run=prepared.write), Phase("train", args),
@@ -377,6 +380,11 @@ class MNSegmentLogic:
                              on_finished, load=False)
         meta = _read_json(folder / JOB_FILE)
         device = meta.get("device", "auto")
+        self.preview = None
+        previewed = [c for c in meta["cases"] if c["stem"] == meta.get("preview")]
+        if previewed:  # the engine continues writing it (config.json): show it again
+            volume = self._find_volume(self._get_scene(), previewed[0], folder)
+            on_event = self._showing_preview(LivePreview(volume, meta["classes"]), on_event)
         phases = [Phase("train", ["resume", str(folder / meta.get("run_dir", RUN_DIR)), "--events"]),
                   self._predict_phase(folder, meta, device, meta.get("network", "3d"))]
         return self._run(phases, folder, self._get_scene(), wait, on_progress, on_log, on_event, on_phase,
