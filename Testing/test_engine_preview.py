@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -14,7 +15,10 @@ from MNSegmentLib.workflow import train
 
 
 def test_preview_is_written_on_the_input_grid_at_each_checkpoint(tmp_path):
-    datalist = make_dataset(tmp_path / "data", n_labeled=2, n_unlabeled=1)
+    datalist = make_dataset(tmp_path / "data", n_labeled=3, n_unlabeled=1)
+    listed = json.loads(datalist.read_text())
+    listed["validation"] = [listed["labeled"].pop()]  # a validation Dice every step (validate_every 1)
+    datalist.write_text(json.dumps(listed))
     # A volume outside the datalist whose grid differs from the training grid in every respect: size, spacing,
     # origin and an oblique direction, so any shortcut (the preprocessed grid, the canonical orientation) shows.
     image, _ = sphere_arrays(np.random.default_rng(5), shape=(30, 26, 14), spacing=(1.2, 0.9, 2.5))
@@ -25,13 +29,17 @@ def test_preview_is_written_on_the_input_grid_at_each_checkpoint(tmp_path):
                     str(chosen))
     run_dir = tmp_path / "run"
     result = run_cli("train", datalist, "--output", run_dir, "--preset", "quick", "--device", "cpu", "--events",
-                     "--preview", chosen, *set_args({**TINY_SET, "train.steps": 4, "train.checkpoint_every": 2}))
+                     "--preview", chosen, *set_args({**TINY_SET, "train.steps": 4, "train.checkpoint_every": 2,
+                                                   "train.validate_every": 1}))
     assert result.returncode == 0, result.stderr[-3000:]
     events = parse_events(result.stdout)
     previews = [e for e in events if e["event"] == "preview"]
     assert [e["step"] for e in previews] == [2, 4]  # each checkpoint, the last one included
     assert all(e["path"] == str(run_dir / "preview.nii.gz") and e["image"] == str(chosen) for e in previews)
     assert events.index(previews[-1]) < [e["event"] for e in events].index("done")
+    # Progress events come at most once a second, but every validation Dice is reported (the live chart's points).
+    validated = [e["step"] for e in events if e["event"] == "progress" and e.get("val_dice") is not None]
+    assert validated == [1, 2, 3, 4]
 
     written, original = sitk.ReadImage(str(run_dir / "preview.nii.gz")), sitk.ReadImage(str(chosen))
     assert written.GetSize() == original.GetSize()
