@@ -4,6 +4,7 @@ MRML scenes (slicer-core); the last test drives the real engine through the modu
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import slicer
 from slicer_test_utils import add_segmentation, add_volume, ellipsoid_case, new_scene, rotation
@@ -117,6 +118,12 @@ def test_live_preview_updates_one_node_in_place(tmp_path):
     scene.RemoveNode(node)
     assert preview.update(first, step=300).GetID() != node.GetID()
     assert _count(scene, "vtkMRMLSegmentationNode") == 1
+    # Only a volume of the training can be previewed: refused before anything is written.
+    other = add_volume(scene, "Other", image)
+    labeled = [(volume, add_segmentation(scene, volume, label, {1: "Lesion"}))]
+    with pytest.raises(ValueError, match="Other is not one of this training's volumes"):
+        MNSegmentLogic(scene).train(labeled, [], output_dir=tmp_path / "job", preview=other)
+    assert not (tmp_path / "job").exists()
 
 
 def test_training_shows_its_preview_and_chart_in_the_scene(tmp_path):

@@ -322,6 +322,7 @@ class MNSegmentLogic:
             raise ValueError(f"{folder} already holds a training: choose a new output folder, or Resume it.")
         prepared = self.prepare_cases(labeled, unlabeled, folder)
         meta = prepared.meta
+        previewed = self._case_of(meta, preview) if preview is not None else None  # checked before any folder
         meta.update({"run_dir": RUN_DIR, "preset": preset, "device": device, "network": network,
                      "overrides": settings})
         folder.mkdir(parents=True, exist_ok=True)
@@ -333,10 +334,9 @@ class MNSegmentLogic:
             args += ["--init-from", str(source_run)]
             meta["init_from"] = str(source_run)
         self.preview = None
-        if preview is not None:
-            case = self._case_of(meta, preview)
-            args += ["--preview", str(folder / case["image"])]
-            meta["preview"] = case["stem"]  # so that Resume shows it too
+        if previewed is not None:
+            args += ["--preview", str(folder / previewed["image"])]
+            meta["preview"] = previewed["stem"]  # so that Resume shows it too
             on_event = self._showing_preview(LivePreview(preview, meta["classes"]), on_event)
         args.append("--events")
         phases = [Phase("export", run=prepared.write), Phase("train", args),
