@@ -16,6 +16,7 @@ import qt
 import slicer
 from MNSegmentSlicerLib import job as jobs
 from MNSegmentSlicerLib import progress, selection
+from MNSegmentSlicerLib.livechart import LiveChart
 from MNSegmentSlicerLib.logic import ALL_GPUS, NETWORKS, PRESETS, device_choices, gpu_info
 from MNSegmentSlicerLib.logic import MNSegmentLogic as SceneLogic
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
@@ -146,6 +147,8 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._syncing = False
         self._gpus = None  # filled by a thread: nvidia-smi may take seconds, never on the GUI thread
+        self.liveChart = None
+        self._previewShown = False
 
     # ---------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -155,6 +158,8 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MNSegmentLogic()
+        self.liveChart = LiveChart(slicer.mrmlScene)
+        self.previewSelector = self._previewSelector()
 
         self.pollTimer = qt.QTimer()
         self.pollTimer.setInterval(POLL_INTERVAL_MS)
@@ -279,6 +284,25 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table.setCellWidget(row, 0, volumeSelector)
         table.setCellWidget(row, 1, self._nodeSelector(["vtkMRMLSegmentationNode"], segmentation))
         self.onLabeledChanged()
+
+    def _previewSelector(self):
+        """The volume whose prediction training shows at each checkpoint (in the settings; none chosen: the first
+        checked unlabeled volume)."""
+        selector = slicer.qMRMLNodeComboBox()
+        selector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+        selector.showChildNodeTypes = False
+        selector.addEnabled = selector.removeEnabled = False
+        selector.noneEnabled = True
+        selector.noneDisplay = _("First checked unlabeled volume")
+        selector.setMRMLScene(slicer.mrmlScene)
+        selector.toolTip = _("At each checkpoint, training segments this volume (one of the labeled or checked "
+                             "unlabeled volumes) and shows it as a 'training preview' segmentation.")
+        self.ui.settingsCollapsibleButton.layout().addRow(_("Preview volume:"), selector)
+        return selector
+
+    def previewVolume(self):
+        checked = self.checkedVolumes()
+        return self.previewSelector.currentNode() or (checked[0] if checked else None)
 
     def _nodeSelector(self, nodeTypes, node):
         selector = slicer.qMRMLNodeComboBox()
@@ -413,7 +437,8 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.logTextEdit.clear()
         job = self.logic.train(
             self.labeledPairs(), self.checkedVolumes(), **where, preset=p.preset, device=p.device,
-            network=p.network, wait=False, **self._callbacks(), **self.logic.overridesFromParameterNode(p),
+            network=p.network, wait=False, preview=self.previewVolume(), **self._callbacks(),
+            **self.logic.overridesFromParameterNode(p),
         )
         self.startMonitoring(job, title)
 
@@ -449,6 +474,10 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job.folder is not None and training:
             self._parameterNode.outputFolder = str(job.folder)  # so that Resume continues this job
             self.ui.outputPathLineEdit.currentPath = str(job.folder)
+        if training:  # the live chart: the same nodes, emptied, in a plot view of the layout
+            self.liveChart.reset()
+            slicer.modules.plots.logic().ShowChartInLayout(self.liveChart.chart())
+            self._previewShown = False
         self.ui.progressBar.setRange(0, 0)
         self.ui.statusLabel.text = _("{what}: starting...").format(what=what)
         self.ui.metricsLabel.text = ""
@@ -483,12 +512,16 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onJobEvent(self, job, event) -> None:
         """Warnings of the engine (e.g. training labeled-only, no learning-curve picture) reach the user."""
+        if event.get("event") == "preview" and not self._previewShown and self.logic.preview is not None:
+            self._previewShown = True  # the first preview: show its volume (later ones only update the node)
+            slicer.util.setSliceViewerLayers(background=self.logic.preview.volume, fit=True)
         text = progress.describe_warning(event)
         if text:
             self.ui.logTextEdit.appendPlainText(text)
             self.ui.metricsLabel.text = text
 
     def onJobProgress(self, job, event) -> None:
+        self.liveChart.add(event)
         status, metrics, step, total = progress.describe_progress(event)
         if total > 0:
             self.ui.progressBar.setRange(0, total)

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gpus", default="1", metavar="N",
                        help="run as N ranks on this machine, one per GPU (or 'all'); with --device cpu: N CPU "
                             "(gloo) ranks. Under torchrun, ranks come from torchrun instead")
+    train.add_argument("--preview", type=Path, default=None, metavar="IMAGE",
+                       help="at each checkpoint, write the current prediction of IMAGE to RUN/preview.nii.gz "
+                            "(on IMAGE's grid) and emit a 'preview' event")
     train.add_argument("--events", action="store_true", help="JSON events on stdout, logs on stderr")
 
     resume = commands.add_parser("resume", help="continue an interrupted training run")
@@ -139,8 +142,11 @@ def run(args: argparse.Namespace, events: Events, stop: threading.Event) -> int:
     from .config import parse_set_args
 
     if args.command == "train":
-        workflow.train(args.datalist, args.output, args.preset, args.device, parse_set_args(args.overrides),
-                       events, stop, init_from=args.init_from)
+        overrides = parse_set_args(args.overrides)
+        if args.preview is not None:
+            overrides["preview"] = str(args.preview)
+        workflow.train(args.datalist, args.output, args.preset, args.device, overrides, events, stop,
+                       init_from=args.init_from)
     elif args.command == "resume":
         workflow.resume(args.run_dir, args.device, events, stop)
     elif args.command == "predict":

@@ -12,6 +12,8 @@ from .errors import InputError
 # Values shared by every preset; each preset below overrides a few of them.
 _BASE: dict[str, Any] = {
     "seed": 0,
+    # an image whose current prediction training writes to RUN/preview.nii.gz at each checkpoint (MNSegmentLib.preview)
+    "preview": None,
     "data": {
         "target_spacing": None,  # [x, y, z] in mm; None = median spacing of the labeled cases (nnU-Net style)
         "normalization": "auto",  # auto | ct | mr | none
@@ -225,6 +227,7 @@ def validate(config: dict[str, Any]) -> None:
            "preset (the preset's patch, median labeled spacing) or auto (planned from the dataset)")
     _check(config["inference"]["network"] in ("3d", "2d", "ensemble"), "inference.network",
            "one of 3d, 2d, ensemble")
+    _check(config["preview"] is None or isinstance(config["preview"], str), "preview", "null or an image path")
     spacing = config["data"]["target_spacing"]
     _check(spacing is None or (isinstance(spacing, list) and len(spacing) == 3 and all(v > 0 for v in spacing)),
            "data.target_spacing", "null (automatic) or three positive numbers in mm")

@@ -24,7 +24,8 @@ from .trainer import MODEL
 # model2d keys that change the 2D network's tensors or its function (not: weights, dropout, chunking)
 ARCHITECTURE_2D = ("name", "adaptation", "lora_rank", "lora_alpha", "decoder_channels", "decoder_norm")
 # A continued run's default length, as a share of RUN's steps: it starts from trained networks, so a short
-# schedule is the point. A guess until benchmarks/accuracy.py --init-from measures the steps it saves.
+# schedule is the point. docs/BENCHMARKS.md 'Continue training' (one seed): a quarter just reached the
+# from-scratch Dice, half beat it.
 DEFAULT_STEPS_SHARE = 0.25
 
 

@@ -33,6 +33,7 @@ from .lrg import split_batch, unlabeled_share
 from .models2d import build_model2d
 from .models3d import build_model3d
 from .preprocess import Plan, load_cached
+from .preview import Preview
 from .sampling import PatchSampler
 from .scalars import Scalars
 from .schedule import lr_factor, stage_bounds
@@ -204,6 +205,7 @@ class Trainer:
             self._load_checkpoint()
         self.ranks.same_parameters(self.model2d, self.model3d)
         self.scalars = Scalars(run_dir, written=len(self.history), enabled=self.ranks.is_main)
+        self.preview: Preview | None = None  # opened by run(): reading the image is not part of set-up
 
     # -- set-up ---------------------------------------------------------------------------------------------
     def _load_checkpoint(self) -> None:
@@ -246,6 +248,12 @@ class Trainer:
         self.events.emit("checkpoint", path=str(path), step=self.step)
         self.ranks.barrier()
         return path
+
+    def write_preview(self) -> None:
+        """The chosen volume's prediction by the networks as they are now (``--preview``), at each checkpoint."""
+        if self.preview is not None:
+            self.preview.write(self.model2d, self.model3d, self.config, self.plan, self.device, self.amp.dtype,
+                               self.step, self.events)
 
     # -- pseudo-masks ---------------------------------------------------------------------------------------
     def _mask_path(self, version: int, index: int) -> Path:
@@ -477,6 +485,8 @@ class Trainer:
         log.info("training on %s: %d labeled, %d unlabeled volumes; 2D %s (%s); %d steps, co-training from %d",
                  self.device, len(self.labeled), len(self.unlabeled), self.config["model2d"]["name"],
                  self.weights_2d, self.total, self.stage2)
+        if self.ranks.is_main:  # one file, one stream of events
+            self.preview = Preview.open(self.config, self.plan, self.run_dir, self.events)
         prefetch = Prefetcher(self.draw_batch, self.config["train"]["prefetch"])
         try:
             self._loop(refresh, prefetch)
@@ -484,6 +494,7 @@ class Trainer:
             prefetch.close()
             self.scalars.close(self.history, self.timings)
         self.save_checkpoint()
+        self.write_preview()
         if self.ranks.is_main:
             checkpoint.save_atomic({"model2d": self.model2d.state_dict(), "model3d": self.model3d.state_dict()},
                                    self.run_dir / MODEL)
@@ -514,9 +525,11 @@ class Trainer:
             self.history.append(record)
             eta = float(np.mean([took for _, took in self.timings[-50:]])) * (self.total - self.step)
             self._progress = {**record, "step": self.step, "total_steps": self.total, "eta_s": eta}
-            self._report(force=self.step in (self.stage2, self.total))
+            # a validation Dice is always reported: the live chart must not miss the few there are
+            self._report(force=self.step in (self.stage2, self.total) or "val_dice" in record)
             if self.step % t["checkpoint_every"] == 0 and self.step < self.total:
                 self.save_checkpoint()
+                self.write_preview()
 
 
 def _fmt(value: float | None) -> str:

@@ -61,6 +61,12 @@ def train(datalist_path: str | Path, output: str | Path, preset: str = "quick", 
     config = configuration.apply_overrides(configuration.preset(preset), overrides)
     config["preset"] = preset
     datalist = load_datalist(datalist_path)
+    if config["preview"]:  # an absolute path in config.json, so a resumed run finds the image too
+        config["preview"] = str(Path(config["preview"]).absolute())
+        try:
+            check_images([Path(config["preview"])])
+        except InputError as error:
+            raise InputError(f"--preview {error}; choose a readable 3D image (or drop --preview)") from None
     torch_device = ranks.place(resolve_device(device))
     ranks.check_batch(config["sampling"]["batch_size"])
     _fresh_output(output)

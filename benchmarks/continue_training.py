@@ -2,52 +2,79 @@
 
 Protocol: a source run trains ``--source-steps`` on the task with ``--from-labeled`` labeled subjects. Then
 labels are added (the task with ``--to-labeled`` labeled subjects: the same pool, same test set, see
-accuracy.py) and, for every budget in ``--budgets``, two complete runs train with it: ``scratch`` (from the
-pretrained 2D weights, as a new run does) and ``init`` (``--init-from`` the source run). Each budget is its own
-run because the learning-rate schedule spans the whole run. Test Dice of the 3D network per (arm, budget,
-seed); "steps saved" = the largest budget minus the smallest ``init`` budget whose mean Dice reaches
-``scratch``'s at the largest budget. Finished jobs are kept under ``--out`` and skipped on a re-run.
+accuracy.py). A ``scratch`` run (from the pretrained 2D weights, as a new run does) trains ``--scratch-steps``
+and ``init`` runs (``--init-from`` the source run) train each of ``--budgets``; each budget is its own complete
+run because the learning-rate schedule spans the whole run. Score: test Dice of the 3D network.
 
-Example::
+Per seed, "steps saved" = scratch's steps minus the smallest ``init`` budget whose Dice reaches scratch's (None
+when no budget does). Jobs run seed by seed, one at a time; each finished job's result is kept under
+``--out/results`` and skipped on a re-run, and ``results.json`` is rewritten after every job, so a run stopped
+early still reports the seeds it finished.
+
+Example (the run in docs/BENCHMARKS.md §7)::
 
     python benchmarks/continue_training.py --out benchmarks/out/continue --seeds 0 1 2 --source-steps 200 \\
-        --budgets 25 50 100 200 --jobs 2
+        --scratch-steps 200 --budgets 25 50 100
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per process, set before torch is imported
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread, set before torch is imported
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor  # noqa: E402
-from multiprocessing import get_context  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from accuracy import _init_worker, make_task, mean_sd  # noqa: E402  (benchmarks/ is on sys.path)
 from machine_info import machine  # noqa: E402
 
 
-def train_and_score(datalist: str, run_dir: str, steps: int, seed: int, init_from: str | None,
-                    overrides: dict) -> dict:
-    """Trains one run (unless finished), predicts the task's test images with its 3D network, returns Dice."""
+def train_and_score(datalist: Path, run: Path, steps: int, seed: int, init_from: Path | None) -> dict:
+    """Trains one run (resuming an interrupted one), predicts the task's test images with its 3D network."""
     from MNSegmentLib.metrics import evaluate
     from MNSegmentLib.workflow import predict, resume, train
 
-    run, task = Path(run_dir), Path(datalist).parent
+    task = datalist.parent
     started = time.time()
     if run.exists() and not (run / "model.pt").exists():  # interrupted by an earlier invocation
         resume(run, "cpu")
     elif not run.exists():
-        train(datalist, run, "quick", "cpu", {**overrides, "seed": seed, "train.steps": steps}, init_from=init_from)
+        train(datalist, run, "quick", "cpu", {"seed": seed, "train.steps": steps}, init_from=init_from)
     train_s = time.time() - started
     test = json.loads((task / "test.json").read_text())["test"]
     predict(run, [str(task / t["image"]) for t in test], run / "pred", network="3d", device="cpu")
     dice = evaluate(run / "pred", task / "labelsTs")["mean"]["1"]["dice"]
-    return {"steps": steps, "seed": seed, "init_from": init_from, "dice": dice, "train_s": round(train_s, 1)}
+    return {"steps": steps, "seed": seed, "init_from": str(init_from) if init_from else None, "dice": dice,
+            "train_s": round(train_s, 1)}
+
+
+def steps_saved(scratch: dict, init: dict[int, dict]) -> int | None:
+    """Scratch's steps minus the smallest init budget whose Dice reaches scratch's."""
+    reached = [b for b in sorted(init) if init[b]["dice"] >= scratch["dice"]]
+    return scratch["steps"] - reached[0] if reached else None
+
+
+def summarise(results: dict[str, dict], args: argparse.Namespace) -> dict:
+    seeds = {}
+    for seed in args.seeds:
+        scratch = results.get(f"scratch_seed{seed}")
+        init = {b: results[f"init_{b}_seed{seed}"] for b in args.budgets if f"init_{b}_seed{seed}" in results}
+        if scratch is None or len(init) < len(args.budgets):
+            continue  # not finished
+        seeds[seed] = {"source_dice": results[f"source_seed{seed}"]["dice"], "scratch_dice": scratch["dice"],
+                       "init_dice": {str(b): r["dice"] for b, r in init.items()},
+                       "steps_saved": steps_saved(scratch, init),
+                       "init_minus_scratch": {str(b): r["dice"] - scratch["dice"] for b, r in init.items()}}
+    mean = {}
+    if seeds:
+        mean["scratch"] = mean_sd([s["scratch_dice"] for s in seeds.values()])
+        for b in args.budgets:
+            mean[f"init@{b}"] = mean_sd([s["init_dice"][str(b)] for s in seeds.values()])
+    return {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "seeds": seeds,
+            "mean_sd": mean, "runs": results}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from-labeled", type=int, default=2)
     p.add_argument("--to-labeled", type=int, default=4)
     p.add_argument("--source-steps", type=int, default=200)
-    p.add_argument("--budgets", type=int, nargs="+", default=[25, 50, 100, 200])
-    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--scratch-steps", type=int, default=200)
+    p.add_argument("--budgets", type=int, nargs="+", default=[25, 50, 100], help="steps of the init runs")
     # the task, as in accuracy.py
     p.add_argument("--resolution", type=float, default=3.0)
     p.add_argument("--structure", default="wm", choices=["brain", "gm", "wm"])
@@ -66,30 +93,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-test", type=int, default=4)
     p.add_argument("--task-seed", type=int, default=0)
     args = p.parse_args(argv)
-    before, after = str(make_task(args.out, args.from_labeled, args)), str(make_task(args.out, args.to_labeled, args))
-    jobs = args.out / "jobs"
-    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
-        sources = {s: jobs / f"source_L{args.from_labeled}_seed{s}" for s in args.seeds}
-        for future in [pool.submit(train_and_score, before, str(d), args.source_steps, s, None, {})
-                       for s, d in sources.items()]:
-            future.result()
-        futures = {(arm, b, s): pool.submit(train_and_score, after, str(jobs / f"{arm}_L{args.to_labeled}_{b}_seed{s}"),
-                                            b, s, str(sources[s]) if arm == "init" else None, {})
-                   for arm in ("scratch", "init") for b in args.budgets for s in args.seeds}
-        results = {key: future.result() for key, future in futures.items()}
-    mean = {(arm, b): mean_sd([results[arm, b, s]["dice"] for s in args.seeds])[0]
-            for arm in ("scratch", "init") for b in args.budgets}
-    full = max(args.budgets)
-    reached = [b for b in sorted(args.budgets) if mean["init", b] >= mean["scratch", full]]
-    summary = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
-               "mean_dice": {f"{arm}@{b}": d for (arm, b), d in mean.items()},
-               "steps_saved": full - reached[0] if reached else None,
-               "runs": [{"arm": arm, **r} for (arm, _, _), r in results.items()]}
-    (args.out / "results.json").write_text(json.dumps(summary, indent=1))
-    print("| budget | scratch Dice | init-from Dice |\n|---|---|---|")
-    for b in sorted(args.budgets):
-        print(f"| {b} | {mean['scratch', b]:.3f} | {mean['init', b]:.3f} |")
-    print(f"steps saved to reach scratch's Dice at {full} steps: {summary['steps_saved']}")
+    _init_worker()
+    before, after = make_task(args.out, args.from_labeled, args), make_task(args.out, args.to_labeled, args)
+    jobs, done = args.out / "jobs", args.out / "results"
+    done.mkdir(parents=True, exist_ok=True)
+    results = {path.stem: json.loads(path.read_text()) for path in done.glob("*.json")}
+    for seed in args.seeds:
+        source = jobs / f"source_L{args.from_labeled}_{args.source_steps}_seed{seed}"
+        plan = [(f"source_seed{seed}", before, source, args.source_steps, None),
+                (f"scratch_seed{seed}", after, jobs / f"scratch_L{args.to_labeled}_{args.scratch_steps}_seed{seed}",
+                 args.scratch_steps, None)]
+        plan += [(f"init_{b}_seed{seed}", after, jobs / f"init_L{args.to_labeled}_{b}_seed{seed}", b, source)
+                 for b in args.budgets]
+        for name, datalist, run, steps, init_from in plan:
+            if name not in results:
+                results[name] = train_and_score(datalist, run, steps, seed, init_from)
+                (done / f"{name}.json").write_text(json.dumps(results[name], indent=1))
+                print(f"{time.strftime('%H:%M:%S')} {name}: Dice {results[name]['dice']:.4f} "
+                      f"({results[name]['train_s']:.0f} s)", flush=True)
+            (args.out / "results.json").write_text(json.dumps(summarise(results, args), indent=1))
+    summary = summarise(results, args)
+    print(f"| seed | source (L={args.from_labeled}, {args.source_steps}) | scratch @{args.scratch_steps} | "
+          + " | ".join(f"init @{b}" for b in args.budgets) + " | steps saved |")
+    print("|---" * (4 + len(args.budgets)) + "|")
+    for seed, s in summary["seeds"].items():
+        print(f"| {seed} | {s['source_dice']:.4f} | {s['scratch_dice']:.4f} | "
+              + " | ".join(f"{s['init_dice'][str(b)]:.4f}" for b in args.budgets) + f" | {s['steps_saved']} |")
     return 0
 
 

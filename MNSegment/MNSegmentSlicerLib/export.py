@@ -246,8 +246,9 @@ def place_in_hierarchy(node, like) -> None:
         sh.SetItemParent(item, parent)
 
 
-def load_labelmap_as_segmentation(path: Path, volume, classes: list[dict], name: str | None = None):
-    """Load an engine label map (on ``volume``'s grid) as a new segmentation node referencing ``volume``."""
+def load_labelmap_as_segmentation(path: Path, volume, classes: list[dict], name: str | None = None, into=None):
+    """Load an engine label map (on ``volume``'s grid) as a new segmentation node referencing ``volume``, or
+    ``into`` an existing one, whose segments it replaces (the training preview: one node, updated in place)."""
     scene = volume.GetScene()
     path = Path(path)
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "MNSegment temporary prediction")
@@ -268,13 +269,18 @@ def load_labelmap_as_segmentation(path: Path, volume, classes: list[dict], name:
         display = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeDisplayNode")
         display.SetAndObserveColorNodeID(table.GetID())
         labelmap.SetAndObserveDisplayNodeID(display.GetID())
-        segmentation = scene.AddNewNodeByClass(
-            "vtkMRMLSegmentationNode", name or f"{volume.GetName()} segmentation"
-        )
-        segmentation.CreateDefaultDisplayNodes()
+        if into is None:
+            segmentation = scene.AddNewNodeByClass(
+                "vtkMRMLSegmentationNode", name or f"{volume.GetName()} segmentation"
+            )
+            segmentation.CreateDefaultDisplayNodes()
+        else:
+            segmentation = into
+            segmentation.GetSegmentation().RemoveAllSegments()
         segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
         if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation):
-            scene.RemoveNode(segmentation)
+            if into is None:
+                scene.RemoveNode(segmentation)
             raise ValueError(f"Could not import {path.name} as a segmentation")
         # Classes the model never predicted for this volume still get an (empty) segment, so every case has the
         # same segment list, in class order.

@@ -16,6 +16,7 @@ Job folder layout (``output_dir``)::
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import threading
 import time
@@ -25,6 +26,7 @@ import slicer
 
 from . import export
 from .job import DONE, EngineError, EngineJob, Phase
+from .livepreview import PREVIEW_ATTRIBUTE, LivePreview
 
 JOB_FILE = "job.json"
 DATALIST_FILE = "datalist.json"
@@ -200,6 +202,8 @@ class MNSegmentLogic:
         self.python = python
         #: running jobs and the last ones started (finished jobs are dropped when a new one starts)
         self.jobs: list[EngineJob] = []
+        #: the preview of the last training started with ``preview=`` (its node: ``self.preview.node``)
+        self.preview: LivePreview | None = None
 
     # -------------------------------------------------------------------------------- scene queries
     def _get_scene(self, nodes=()):
@@ -222,6 +226,8 @@ class MNSegmentLogic:
         pairs = []
         for i in range(nodes.GetNumberOfItems()):
             seg = nodes.GetItemAsObject(i)
+            if seg.GetAttribute(PREVIEW_ATTRIBUTE) is not None:  # replaced at every checkpoint: never a label
+                continue
             if seg.GetAttribute(PREDICTION_ATTRIBUTE) and not include_predictions:
                 continue
             if seg.GetSegmentation().GetNumberOfSegments() == 0:
@@ -306,8 +312,11 @@ class MNSegmentLogic:
     # ---------------------------------------------------------------------------------------- train
     def train(self, labeled, unlabeled, output_dir=None, preset: str = "quick", wait: bool = False,
               device: str = "auto", network: str = "3d", on_progress=None, on_log=None, on_event=None,
-              on_phase=None, on_finished=None, init_from=None, **overrides) -> EngineJob:
+              on_phase=None, on_finished=None, init_from=None, preview=None, **overrides) -> EngineJob:
         """Train on ``labeled`` [(volume, segmentation)] + ``unlabeled`` [volume], then segment ``unlabeled``.
+
+        ``preview``: one of those volumes; at each checkpoint the engine predicts it and ``self.preview.node``, one
+        segmentation node, shows that prediction (``mnsegment train --preview``).
 
         ``init_from`` ("Train more"): a finished job folder (or its run folder) whose networks the new training
         starts from instead of from scratch (``mnsegment train --init-from``); its structures must be the same.
@@ -334,6 +343,7 @@ class MNSegmentLogic:
             raise ValueError(f"{folder} already holds a training: choose a new output folder, or Resume it.")
         prepared = self.prepare_cases(labeled, unlabeled, folder)
         meta = prepared.meta
+        previewed = self._case_of(meta, preview) if preview is not None else None  # checked before any folder
         meta.update({"run_dir": RUN_DIR, "preset": preset, "device": device, "network": network,
                      "overrides": settings})
         folder.mkdir(parents=True, exist_ok=True)
@@ -344,10 +354,39 @@ class MNSegmentLogic:
         if source_run is not None:
             args += ["--init-from", str(source_run)]
             meta["init_from"] = str(source_run)
+        self.preview = None
+        if previewed is not None:
+            args += ["--preview", str(folder / previewed["image"])]
+            meta["preview"] = previewed["stem"]  # so that Resume shows it too
+            on_event = self._showing_preview(LivePreview(preview, meta["classes"]), on_event)
         args.append("--events")
         phases = [Phase("export", run=prepared.write), Phase("train", args),
                   self._predict_phase(folder, meta, device, network)]
         return self._run(phases, folder, scene, wait, on_progress, on_log, on_event, on_phase, on_finished)
+
+    @staticmethod
+    def _case_of(meta: dict, volume) -> dict:
+        for case in meta["cases"]:
+            if case["volume_id"] == volume.GetID():
+                return case
+        raise ValueError(f"The preview volume {volume.GetName()} is not one of this training's volumes: choose a "
+                         "labeled or checked unlabeled volume.")
+
+    def _showing_preview(self, preview: LivePreview, on_event):
+        """``on_event`` that first shows each ``preview`` event's file in ``preview``'s node. Showing it may fail
+        (a file removed by hand): that is logged and costs the picture, never the training."""
+        self.preview = preview
+
+        def handle(job: EngineJob, event: dict) -> None:
+            if event.get("event") == "preview" and event.get("path"):
+                try:
+                    preview.update(event["path"], event.get("step"))
+                except Exception as error:
+                    logging.getLogger(__name__).warning("The training preview could not be shown: %s", error)
+            if on_event is not None:
+                on_event(job, event)
+
+        return handle
 
     def resume(self, job_folder, wait: bool = False, on_progress=None, on_log=None, on_event=None,
                on_phase=None, on_finished=None) -> EngineJob:
@@ -362,6 +401,11 @@ class MNSegmentLogic:
                              on_finished, load=False)
         meta = _read_json(folder / JOB_FILE)
         device = meta.get("device", "auto")
+        self.preview = None
+        previewed = [c for c in meta["cases"] if c["stem"] == meta.get("preview")]
+        if previewed:  # the engine continues writing it (config.json): show it again
+            volume = self._find_volume(self._get_scene(), previewed[0], folder)
+            on_event = self._showing_preview(LivePreview(volume, meta["classes"]), on_event)
         phases = [Phase("train", ["resume", str(folder / meta.get("run_dir", RUN_DIR)), "--events",
                                   *_gpus_args(device)]),
                   self._predict_phase(folder, meta, device, meta.get("network", "3d"))]
