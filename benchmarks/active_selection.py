@@ -60,19 +60,22 @@ def write_datalist(task: Path, labeled: list[str], path: Path) -> Path:
 
 
 def train_run(datalist: Path, run: Path, steps: int, seed: int, init_from: Path | None,
-              suggest: bool) -> tuple[dict | None, float]:
-    """Trains (unless finished); returns the done event (None for a run found finished) and seconds."""
+              suggest: bool, refresh_at: list[float] | None = None) -> tuple[dict | None, float]:
+    """Trains (unless finished); returns the done event (None for a run found finished) and seconds of training
+    (after preprocessing)."""
     from MNSegmentLib.events import Events
     from MNSegmentLib.workflow import train
 
-    if (run / "model.pt").exists():
-        return None, 0.0
+    if (run / "model.pt").exists():  # made by an earlier invocation: its wall time from the files' times
+        return None, (run / "model.pt").stat().st_mtime - (run / "config.json").stat().st_mtime
     done: dict = {}
     events = Events(False)
     events.listeners.append(lambda event, fields: done.update(fields) if event == "done" else None)
     started = time.time()
-    train(datalist, run, "quick", "cpu", {"seed": seed, "train.steps": steps, "train.suggest": suggest},
-          events=events, init_from=init_from)
+    overrides = {"seed": seed, "train.steps": steps, "train.suggest": suggest}
+    if refresh_at is not None:
+        overrides["train.refresh_at"] = refresh_at
+    train(datalist, run, "quick", "cpu", overrides, events=events, init_from=init_from)
     return done, time.time() - started
 
 
@@ -100,6 +103,32 @@ def spearman(a: list[float], b: list[float]) -> float:
     return cov / norm if norm else float("nan")
 
 
+def base_record(task: Path, out: Path, seed: int, args: argparse.Namespace) -> dict:
+    """Trains the base run (L labeled) and reads its suggestions; cached in ``out/base_seed<seed>_record.json``."""
+    path = out / f"base_seed{seed}_record.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    labeled = POOL[:args.labeled]
+    candidates = [c for c in POOL if c not in labeled]
+    base = out / f"base_seed{seed}"
+    _, base_s = train_run(write_datalist(task, labeled, out / f"base_seed{seed}.json"), base, args.base_steps, seed,
+                          None, suggest=True)
+    ranking = json.loads((base / "suggestions" / "suggestions.json").read_text())
+    scores = {v["name"]: v["score"] for v in ranking["volumes"]}
+    # diagnostic: does the score follow the base model's error on the candidates?
+    pool_dice = test_dice(base, task, "ensemble", [task / f"imagesTr/{c}.nii.gz" for c in candidates],
+                          task / "labelsTr")
+    test_images = [task / f"imagesTs/{c}.nii.gz" for c in TEST]
+    record = {"base_seed": seed, "run": str(base), "ranked": sorted(candidates, key=lambda c: -scores[c]),
+              "scores": {c: scores[c] for c in candidates}, "base_pool_dice": pool_dice,
+              "base_train_s": round(base_s, 1), "suggest_s": ranking["seconds"], "n_scored": len(ranking["volumes"]),
+              "spearman_score_vs_error": spearman([scores[c] for c in candidates],
+                                                  [1 - pool_dice[c] for c in candidates]),
+              "base": {net: test_dice(base, task, net, test_images, task / "labelsTs") for net in ("3d", "ensemble")}}
+    path.write_text(json.dumps(record, indent=1))
+    return record
+
+
 def run_seed(task: Path, out: Path, seed: int, args: argparse.Namespace) -> dict:
     import torch
 
@@ -107,30 +136,17 @@ def run_seed(task: Path, out: Path, seed: int, args: argparse.Namespace) -> dict
     labeled = POOL[:args.labeled]
     candidates = [c for c in POOL if c not in labeled]
     test_images = [task / f"imagesTs/{c}.nii.gz" for c in TEST]
-    base = out / f"base_seed{seed}"
-    _, base_s = train_run(write_datalist(task, labeled, out / f"base_seed{seed}.json"), base, args.base_steps, seed,
-                          None, suggest=True)
-    ranking = json.loads((base / "suggestions" / "suggestions.json").read_text())
-    scores = {v["name"]: v["score"] for v in ranking["volumes"]}
-    ranked = sorted(candidates, key=lambda c: -scores[c])
-    chosen = {"top": ranked[0], "random": random.Random(seed).choice(candidates)}
-
-    # diagnostic: does the score follow the base model's error on the candidates?
-    pool_dice = test_dice(base, task, "ensemble", [task / f"imagesTr/{c}.nii.gz" for c in candidates],
-                          task / "labelsTr")
-    record = {"seed": seed, "chosen": chosen, "ranked": ranked, "scores": {c: scores[c] for c in candidates},
-              "base_pool_dice": pool_dice, "base_train_s": round(base_s, 1),
-              "suggest_s": ranking["seconds"], "n_scored": len(ranking["volumes"]),
-              "spearman_score_vs_error": spearman([scores[c] for c in candidates],
-                                                  [1 - pool_dice[c] for c in candidates]),
-              "base": {net: test_dice(base, task, net, test_images, task / "labelsTs") for net in ("3d", "ensemble")}}
+    base_info = base_record(task, out, args.base_seed if args.shared_base else seed, args)
+    base = Path(base_info["run"])
+    chosen = {"top": base_info["ranked"][0], "random": random.Random(seed).choice(candidates)}
+    record = {"seed": seed, "chosen": chosen, **base_info}
     for arm, case in chosen.items():
         if arm == "random" and case == chosen["top"]:
             record["random"] = record["top"]
             continue
         run = out / f"{arm}_seed{seed}"
         _, more_s = train_run(write_datalist(task, labeled + [case], out / f"{arm}_seed{seed}.json"), run,
-                              args.more_steps, seed, base, suggest=False)
+                              args.more_steps, seed, base, suggest=False, refresh_at=args.more_refresh_at)
         record[arm] = {"case": case, "train_s": round(more_s, 1),
                        **{net: test_dice(run, task, net, test_images, task / "labelsTs") for net in ("3d", "ensemble")}}
     return record
@@ -147,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--labeled", type=int, default=1)
     p.add_argument("--base-steps", type=int, default=200)
     p.add_argument("--more-steps", type=int, default=100)
+    p.add_argument("--more-refresh-at", type=float, nargs="+", default=None,
+                   help="train.refresh_at of the continued runs (default: the preset's)")
+    p.add_argument("--shared-base", action="store_true",
+                   help="one base run (--base-seed) for every seed: the seeds then vary the continued runs and the "
+                        "random draw only (for a machine too busy for a base run per seed)")
+    p.add_argument("--base-seed", type=int, default=0)
     p.add_argument("--resolution", type=float, default=3.0)
     p.add_argument("--structure", default="wm", choices=["brain", "gm", "wm"])
     p.add_argument("--task-seed", type=int, default=0)
