@@ -16,10 +16,16 @@ Also recorded, as a diagnostic: the base run's own ensemble Dice on each candida
 Spearman correlation between the suggestion score and that error (1 − Dice): does the score find the volumes the
 model gets wrong? Runs are kept under ``--out`` and finished ones skipped on a re-run.
 
-Example (about 30 min on a busy shared 2-core CPU)::
+With ``--shared-base`` one base run (``--base-seed``) serves every seed: the seeds then vary the continued runs
+(patch sampling, augmentation) and the random draw, not the base model.
+
+Examples (a base run per seed: about 30 min on a quiet 2-core CPU; the run in docs/BENCHMARKS.md, on a machine
+with a load average of 12-16, shared one base and took about an hour)::
 
     python benchmarks/active_selection.py --out benchmarks/out/active --seeds 0 1 2 --base-steps 200 \\
         --more-steps 100
+    python benchmarks/active_selection.py --out benchmarks/out/active --seeds 0 1 2 --base-steps 150 \\
+        --more-steps 24 --more-refresh-at 0.5 --shared-base
 """
 
 from __future__ import annotations
