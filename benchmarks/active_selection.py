@@ -19,8 +19,8 @@ model gets wrong? Runs are kept under ``--out`` and finished ones skipped on a r
 With ``--shared-base`` one base run (``--base-seed``) serves every seed: the seeds then vary the continued runs
 (patch sampling, augmentation) and the random draw, not the base model.
 
-Examples (a base run per seed: about 30 min on a quiet 2-core CPU; the run in docs/BENCHMARKS.md, on a machine
-with a load average of 12-16, shared one base and took about an hour)::
+Examples (a base run per seed was not timed to the end here: at a load average of 15 on 2 cores its base run
+alone took 32 min; docs/BENCHMARKS.md §8 used the second form, 693 s after the base run)::
 
     python benchmarks/active_selection.py --out benchmarks/out/active --seeds 0 1 2 --base-steps 200 \\
         --more-steps 100
