@@ -378,7 +378,8 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ---------------------------------------------------------------------------------- suggestions
     def onModelFolderChanged(self, path) -> None:
         self._setParameter("modelFolder", path)
-        self.loadSuggestions()
+        if not self._syncing:  # setParameterNode loads them itself, once its rows are restored
+            self.loadSuggestions()
 
     def loadSuggestions(self) -> None:
         """The model folder's ranking of what to label next (none if it has none or cannot be read)."""
