@@ -15,7 +15,7 @@ import numpy as np
 import qt
 import slicer
 from MNSegmentSlicerLib import job as jobs
-from MNSegmentSlicerLib import progress, selection
+from MNSegmentSlicerLib import progress, selection, suggestions
 from MNSegmentSlicerLib.livechart import LiveChart
 from MNSegmentSlicerLib.logic import ALL_GPUS, NETWORKS, PRESETS, device_choices, gpu_info
 from MNSegmentSlicerLib.logic import MNSegmentLogic as SceneLogic
@@ -149,6 +149,8 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._gpus = None  # filled by a thread: nvidia-smi may take seconds, never on the GUI thread
         self.liveChart = None
         self._previewShown = False
+        self._suggestions = []  # what to label next, from the model folder's training (read once, not per refresh)
+        self._shownSuggestions = {}  # volume node ID -> its suggestion, as the unlabeled list shows them
 
     # ---------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -188,12 +190,14 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.selectAllButton.clicked.connect(lambda: self.setAllChecked(True))
         self.ui.selectNoneButton.clicked.connect(lambda: self.setAllChecked(False))
         self.ui.unlabeledList.itemChanged.connect(self.onUnlabeledItemChanged)
+        self.ui.unlabeledList.itemDoubleClicked.connect(self.onShowSuggestion)
+        self.ui.labelNextButton.clicked.connect(self.onLabelNext)
         self.ui.trainButton.clicked.connect(self.onTrainOrCancel)
         self.ui.resumeButton.clicked.connect(self.onResume)
         self.ui.trainMoreButton.clicked.connect(self.onTrainMore)
         self.ui.segmentButton.clicked.connect(self.onSegment)
         self.ui.outputPathLineEdit.currentPathChanged.connect(lambda path: self._setParameter("outputFolder", path))
-        self.ui.modelPathLineEdit.currentPathChanged.connect(lambda path: self._setParameter("modelFolder", path))
+        self.ui.modelPathLineEdit.currentPathChanged.connect(self.onModelFolderChanged)
         self.ui.weights2dPathLineEdit.currentPathChanged.connect(lambda path: self._setParameter("weights2d", path))
 
         self.startGpuQuery()
@@ -267,6 +271,7 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self.addLabeledRow(volume, segmentation)
             finally:
                 self._syncing = False
+            self.loadSuggestions()
             self.refreshUnlabeledList()
 
     def _setParameter(self, name, value) -> None:
@@ -353,8 +358,11 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._syncing = True
         try:
             widget.clear()
-            for volume in self.logic.unlabeled_candidates(self.labeledPairs(complete=False)):
-                item = qt.QListWidgetItem(volume.GetName())
+            candidates = self.logic.unlabeled_candidates(self.labeledPairs(complete=False))
+            ranked = suggestions.rank_volumes(candidates, self._suggestions)  # highest score first
+            self._shownSuggestions = {volume.GetID(): s for volume, s in ranked if s is not None}
+            for volume, suggestion in ranked:
+                item = qt.QListWidgetItem(suggestion.label() if suggestion else volume.GetName())
                 item.setData(qt.Qt.UserRole, volume.GetID())
                 item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
                 item.setCheckState(qt.Qt.Unchecked if volume.GetID() in unchecked else qt.Qt.Checked)
@@ -390,6 +398,54 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if node is not None:
                     volumes.append(node)
         return volumes
+
+    # ---------------------------------------------------------------------------------- suggestions
+    def onModelFolderChanged(self, path) -> None:
+        self._setParameter("modelFolder", path)
+        if not self._syncing:  # setParameterNode loads them itself, once its rows are restored
+            self.loadSuggestions()
+
+    def loadSuggestions(self) -> None:
+        """The model folder's ranking of what to label next (none if it has none or cannot be read)."""
+        folder = self._parameterNode.modelFolder if self._parameterNode else ""
+        try:
+            self._suggestions = self.logic.suggestions(folder) if folder else []
+        except (OSError, ValueError, KeyError) as error:
+            logging.warning("MNSegment: suggestions of %s not read: %s", folder, error)
+            self._suggestions = []
+        self.refreshUnlabeledList()
+
+    def _selectedVolume(self):
+        item = self.ui.unlabeledList.currentItem()
+        return slicer.mrmlScene.GetNodeByID(item.data(qt.Qt.UserRole)) if item is not None else None
+
+    def onShowSuggestion(self, item) -> None:
+        """Double-click: the volume at its most uncertain slice, with the disagreement map as overlay."""
+        with slicer.util.tryWithErrorDisplay(_("Could not show the volume."), waitCursor=True):
+            suggestion = self._shownSuggestions.get(item.data(qt.Qt.UserRole))
+            if suggestion is not None:
+                self.logic.show_suggestion(suggestion)
+            else:
+                slicer.util.setSliceViewerLayers(background=self._selectedVolume(), foreground=None, fit=True)
+
+    def onLabelNext(self) -> None:
+        """A new segmentation of the selected volume, added to the labeled volumes, opened in the Segment Editor."""
+        with slicer.util.tryWithErrorDisplay(_("Could not start the segmentation."), waitCursor=True):
+            volume = self._selectedVolume()
+            if volume is None:
+                raise ValueError(_("Select a volume in the list first."))
+            suggestion = self._shownSuggestions.get(volume.GetID())
+            if suggestion is not None and self._parameterNode.modelFolder:
+                volume, segmentation = self.logic.label_next(suggestion, self._parameterNode.modelFolder)
+            else:
+                segmentation = suggestions.start_segmentation(volume, [])
+                slicer.util.setSliceViewerLayers(background=volume, foreground=None, fit=True)
+            self.addLabeledRow(volume, segmentation)
+            slicer.util.selectModule("SegmentEditor")
+            editor = getattr(slicer.modules, "SegmentEditorWidget", None)
+            if editor is not None:  # entering it read the parameter node; set again in case it was open already
+                editor.editor.setSegmentationNode(segmentation)
+                editor.editor.setSourceVolumeNode(volume)
 
     # -------------------------------------------------------------------------------------- actions
     def startGpuQuery(self) -> None:
@@ -548,6 +604,7 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if any(phase.name == "train" for phase in job.phases):
                 self._parameterNode.modelFolder = str(job.folder)
                 self.ui.modelPathLineEdit.currentPath = str(job.folder)
+                self.loadSuggestions()  # the unlabeled list now shows what to label next
                 self._parameterNode.outputFolder = ""  # the next Train starts a new job folder
                 self.ui.outputPathLineEdit.currentPath = ""
         elif job.status == jobs.CANCELLED:
@@ -566,6 +623,7 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resumeButton.enabled = not running
         self.ui.trainMoreButton.enabled = not running and bool(self.labeledPairs())
         self.ui.segmentButton.enabled = not running and bool(self.checkedVolumes())
+        self.ui.labelNextButton.enabled = not running and self.ui.unlabeledList.count > 0
         for widget in (self.ui.labeledCollapsibleButton, self.ui.unlabeledCollapsibleButton,
                        self.ui.settingsCollapsibleButton, self.ui.segmentCollapsibleButton):
             widget.enabled = not running

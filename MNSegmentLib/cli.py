@@ -1,4 +1,4 @@
-"""The ``mnsegment`` command: train, resume, predict, evaluate, demo.
+"""The ``mnsegment`` command: train, resume, predict, suggest, evaluate, demo.
 
 Exit codes: 0 done; 2 bad input (one message, no traceback); 3 cancelled (after saving a checkpoint); 1 anything
 else. With ``--events`` stdout carries only JSON events, one per line.
@@ -85,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="label map (or folder, matched by file name) drawn as reference in the overlays")
     predict.add_argument("--events", action="store_true")
 
+    suggest = commands.add_parser("suggest", help="rank unlabeled volumes by what labeling them would teach the model")
+    suggest.add_argument("images", type=Path, nargs="*", metavar="IMAGE",
+                         help="volumes to rank (default: the run's unlabeled volumes)")
+    suggest.add_argument("--model", type=Path, required=True, help="a run folder of 'mnsegment train'")
+    suggest.add_argument("--output", type=Path, default=None,
+                         help="folder for suggestions.json and the disagreement maps (default: RUN/suggestions)")
+    suggest.add_argument("--device", default="auto")
+    suggest.add_argument("--events", action="store_true")
+
     evaluate = commands.add_parser("evaluate", help="Dice, Jaccard, HD95 and ASD (mm) against references")
     evaluate.add_argument("--prediction", type=Path, required=True, help="a label map or a folder of them")
     evaluate.add_argument("--reference", type=Path, required=True, help="a label map or a folder of them")
@@ -153,6 +162,14 @@ def run(args: argparse.Namespace, events: Events, stop: threading.Event) -> int:
         written = workflow.predict(args.model, args.images, args.output, args.network, args.device, args.overlay,
                                    events, stop, args.reference)
         events.emit("done", outputs=[str(p) for p in written])
+    elif args.command == "suggest":
+        from .suggestions import ranked_table
+
+        record = workflow.suggest(args.model, args.images, args.output, args.device, events, stop)
+        print(ranked_table(record))
+        print(f"written: {record['file']}")
+        events.emit("done", suggestions=record["volumes"], suggestions_file=record["file"],
+                    suggestions_s=record["seconds"])
     elif args.command == "evaluate":
         from .metrics import evaluate
 

@@ -68,6 +68,7 @@ _BASE: dict[str, Any] = {
         "deterministic": False,
         "prefetch": True,  # draw the next step's patches on a background thread (same patches as without)
         "micro_batch": None,  # patches per forward/backward; None = the whole batch (halved on CUDA out-of-memory)
+        "suggest": True,  # after training, rank the unlabeled volumes to label next (suggestions.py)
     },
     "lrg": {
         "mode": "lr",  # lr | linear | fixed | off
@@ -205,6 +206,7 @@ def validate(config: dict[str, Any]) -> None:
     _check(isinstance(t["deterministic"], bool), "train.deterministic", "true or false")
     _check(isinstance(t["amp"], bool), "train.amp", "true or false")
     _check(isinstance(t["prefetch"], bool), "train.prefetch", "true or false")
+    _check(isinstance(t["suggest"], bool), "train.suggest", "true or false")
     _check(0 < t["warmup_fraction"] <= 1, "train.warmup_fraction", "a number in (0, 1]")
     _check(0 <= t["lr_warmup_fraction"] < 1, "train.lr_warmup_fraction", "a number in [0, 1)")
     _check(t["lr_2d"] > 0 and t["lr_3d"] > 0, "train.lr_2d/lr_3d", "positive numbers")

@@ -1,4 +1,4 @@
-"""What the commands do: train, resume, predict, evaluate. Used by the CLI and usable from Python."""
+"""What the commands do: train, resume, predict, suggest, evaluate. Used by the CLI and usable from Python."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from .planning.fingerprint import Fingerprint, fingerprint_datalist
 from .planning.planner import PLANNED_KEYS, budget_from_config, explicit_settings, plan_experiment
 from .preprocess import Plan, preprocess_datalist
 from .selection import MODEL_CHOICE, choose_network, read_choice, validation_scores
+from .suggestions import SUGGESTIONS_DIR, SUGGESTIONS_FILE, Scorer, check_output, suggest_files, with_absolute_maps
 from .trainer import CHECKPOINT, MODEL, Trainer
 
 log = logging.getLogger("mnsegment")
@@ -206,8 +207,37 @@ def _run(run_dir: Path, config: dict, plan: Plan, device: torch.device, events: 
     choice = _choose_network(trainer)
     write_json_atomic(run_dir / MODEL_CHOICE, choice)
     log.info("output network: %s (%s)", choice["network"], choice["reason"])
-    events.emit("done", model_dir=str(run_dir), network=choice["network"], network_reason=choice["reason"])
+    suggested = _suggest_after_training(trainer, datalist, events, stop)
+    events.emit("done", model_dir=str(run_dir), network=choice["network"], network_reason=choice["reason"],
+                **suggested)
     return run_dir
+
+
+def _suggest_after_training(trainer: Trainer, datalist: Datalist, events: Events,
+                            stop: threading.Event | None) -> dict:
+    """Ranks the unlabeled volumes to label next (suggestions.py) with the networks just trained; the ``done``
+    event carries the ranking. Like curves.png it is an extra: a missing image or a stop costs the suggestions,
+    never the model (``mnsegment suggest`` makes them later)."""
+    if not trainer.config["train"]["suggest"] or not datalist.unlabeled:
+        return {}
+    output = trainer.run_dir / SUGGESTIONS_DIR
+
+    def check_stop(i: int, path: Path, volume: dict) -> None:
+        if stop is not None and stop.is_set():
+            raise Cancelled()
+
+    scorer = Scorer(trainer.model2d, trainer.model3d, trainer.config, trainer.device, trainer.amp.dtype)
+    try:
+        record = suggest_files([c.image for c in datalist.unlabeled], output, trainer.plan, scorer,
+                               trainer.run_dir, check_stop)
+    except (InputError, Cancelled) as error:
+        message = f"no suggestions of what to label next ({error or 'stopped'}); make them with 'mnsegment suggest'"
+        log.warning(message)
+        events.emit("warning", message=message)
+        return {}
+    log.info("suggestions of what to label next (%.1f s): %s", record["seconds"], output / SUGGESTIONS_FILE)
+    return {"suggestions": with_absolute_maps(record, output), "suggestions_file": str(output / SUGGESTIONS_FILE),
+            "suggestions_s": record["seconds"]}
 
 
 def _choose_network(trainer: Trainer) -> dict:
@@ -337,6 +367,41 @@ def _predict_on_ranks(ranks: distributed.Ranks, paths: list[Path], output_dir: P
         if round_ + 1 < rounds and ranks.any(stop is not None and stop.is_set()):
             raise Cancelled()
     return [written[i] for i in sorted(written)]
+
+
+def suggest(model_dir: str | Path, images: list[str | Path] | None = None, output_dir: str | Path | None = None,
+            device: str = "auto", events: Events | None = None, stop: threading.Event | None = None) -> dict:
+    """Ranks ``images`` (default: the run's unlabeled volumes) by what labeling them would teach the run's
+    networks (suggestions.py); writes ``suggestions.json`` and the disagreement maps into ``output_dir``
+    (default ``RUN/suggestions``) and returns the record with absolute map paths."""
+    events = events or Events(False)
+    model_dir = Path(model_dir).absolute()
+    if not (model_dir / MODEL).is_file():
+        raise InputError(f"{model_dir} holds no trained model ({MODEL}); pass the run folder of a finished "
+                         "'mnsegment train' to --model")
+    if images:
+        paths = [Path(p).absolute() for p in images]
+    else:
+        paths = [c.image for c in load_datalist(model_dir / "datalist.json", check_files=False).unlabeled]
+        if not paths:
+            raise InputError(f"{model_dir} was trained without unlabeled volumes; name the images to rank: "
+                             f"'mnsegment suggest --model {model_dir} IMAGE ...'")
+    check_images(paths)
+    output = Path(output_dir).absolute() if output_dir else model_dir / SUGGESTIONS_DIR
+    check_output(output)
+    torch_device = resolve_device(device)
+    config, plan, model2d, model3d = load_models(model_dir, torch_device)
+    writable_folder(output.parent, "--output")
+    scorer = Scorer(model2d, model3d, config, torch_device, amp_for(torch_device, config["train"]["amp"]).dtype)
+
+    def scored(i: int, path: Path, volume: dict) -> None:
+        log.info("%s: score %.3f", path, volume["score"])
+        if stop is not None and stop.is_set() and i + 1 < len(paths):
+            raise Cancelled()
+        events.emit("suggestion", index=i, total=len(paths), image=str(path), score=volume["score"])
+
+    record = suggest_files(paths, output, plan, scorer, model_dir, scored)
+    return {**record, "volumes": with_absolute_maps(record, output), "file": str(output / SUGGESTIONS_FILE)}
 
 
 def _default_network(run_dir: Path, config: dict) -> str:

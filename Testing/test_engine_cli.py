@@ -349,8 +349,10 @@ def test_sigterm_cancels_then_resume_finishes_like_an_uninterrupted_run(tmp_path
     assert events[0]["event"] == "start" and events[0]["step"] == stopped_at
     progress = [e for e in events if e["event"] == "progress"]
     assert progress[0]["step"] == stopped_at + 1 and progress[-1]["step"] == TRAINED_STEPS
-    assert events[-1] == {"event": "done", "model_dir": str(output), "network": "ensemble",  # quick, no validation
-                          "network_reason": "no validation cases: the preset's inference.network"}
+    done = {key: events[-1].get(key) for key in ("event", "model_dir", "network", "network_reason")}
+    assert done == {"event": "done", "model_dir": str(output), "network": "ensemble",  # quick, no validation
+                    "network_reason": "no validation cases: the preset's inference.network"}
+    assert len(events[-1]["suggestions"]) == 2  # and what to label next (test_engine_suggestions.py)
     assert (output / "model.pt").exists() and json.loads((output / "model.json").read_text())["network"] == "ensemble"
     # every step's randomness derives from (seed, step): the result equals the uninterrupted run's exactly
     assert states_equal(model_state(output), model_state(run.run_dir))

@@ -11,6 +11,7 @@ Job folder layout (``output_dir``)::
     data/labels/<stem>.nrrd   exported segmentations (label maps on each volume's own grid)
     run/                      the engine's RUN_DIR (config.json, plan.json, checkpoints, model)
     run/predictions/<stem>.nii.gz
+    run/suggestions/          what to label next (suggestions.json, <stem>_disagreement.nii.gz)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import slicer
 
-from . import export
+from . import export, suggestions
 from .job import DONE, EngineError, EngineJob, Phase
 from .livepreview import PREVIEW_ATTRIBUTE, LivePreview
 
@@ -476,6 +477,24 @@ class MNSegmentLogic:
         if mapping:
             return export.classes_from_mapping(mapping, colors)
         return job_classes
+
+    # ---------------------------------------------------------------------------------- suggestions
+    @staticmethod
+    def suggestions(job_or_folder) -> list:
+        """What to label next: the ranked :class:`suggestions.Suggestion` list of a finished training (its job
+        or run folder; written by the engine after training or by ``mnsegment suggest``), best first."""
+        return suggestions.read_suggestions(getattr(job_or_folder, "folder", job_or_folder))
+
+    def show_suggestion(self, suggestion) -> tuple:
+        """Its volume with the disagreement map as overlay, slice views centred on the most uncertain slice."""
+        return suggestions.show(suggestion, self._get_scene())
+
+    def label_next(self, suggestion, model_dir) -> tuple:
+        """Shows ``suggestion`` and starts a new segmentation of its volume with ``model_dir``'s classes, set as
+        the Segment Editor's segmentation. Returns (volume, segmentation)."""
+        volume, _overlay = self.show_suggestion(suggestion)
+        classes = self.model_classes(self.resolve_model_dir(model_dir))
+        return volume, suggestions.start_segmentation(volume, classes)
 
     # ----------------------------------------------------------------------------------------- jobs
     def _run(self, phases, folder, scene, wait, on_progress, on_log, on_event, on_phase, on_finished,
