@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="offline demo: make data, train, predict, compare with baseline")
     demo.add_argument("--output", type=Path, default=Path("mnsegment_demo"))
     demo.add_argument("--device", default="auto")
-    demo.add_argument("--steps", type=int, default=None, help="training steps per arm (default: the demo's 300)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps per arm (default: the demo's 150)")
     return parser
 
 
