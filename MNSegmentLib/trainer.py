@@ -60,7 +60,7 @@ class Batch:
     x_l: torch.Tensor  # labeled patches (n, 1, X, Y, Z)
     y_l: torch.Tensor | None  # their labels
     x_u: torch.Tensor  # unlabeled patches, augmented
-    x_clean: torch.Tensor | None  # the same before augmentation, when the teacher sees that view
+    x_clean: torch.Tensor | None  # the teacher's view of x_u when it differs (teacher.input, teacher.student_view)
 
 
 class Prefetcher:
@@ -387,6 +387,9 @@ class Trainer:
         x_clean, _ = self.unlabeled.crop(n_unlabeled, rng)
         x_u = self.unlabeled.augment_batch(x_clean, rng)
         x_clean = x_clean if self.config["teacher"]["input"] == "clean" else None
+        if self.config["teacher"]["student_view"] == "strong" and len(x_u):  # the teacher keeps the usual view
+            x_clean = x_u if x_clean is None else x_clean
+            x_u = self.unlabeled.augment_batch(x_u, rng, strong=True)
         if self.device.type == "cuda":  # page-locked, so the copy to the GPU can overlap with computation
             x_l, y_l, x_u, x_clean = (t.pin_memory() if t is not None else None for t in (x_l, y_l, x_u, x_clean))
         return Batch(step, masks_version, torch_seed, x_l, y_l, x_u, x_clean)

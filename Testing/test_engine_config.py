@@ -28,7 +28,8 @@ def test_presets_resolve_and_validate(name):
         assert section in config
 
 # the reference's teacher: the raw other network's soft targets on the student's view, one slice axis, unweighted
-REFERENCE_TEACHER = {"temperature": 1.0, "input": "augmented", "ema": 0.0, "triplanar": False, "weighting": "none"}
+REFERENCE_TEACHER = {"temperature": 1.0, "input": "augmented", "ema": 0.0, "triplanar": False, "weighting": "none",
+                     "student_view": "same"}
 
 
 def test_preset_values():

@@ -54,11 +54,11 @@ def _perturb(model: torch.nn.Module) -> None:
 def test_candidates_are_off_by_default_and_in_the_paper_preset():
     for name in ("paper", "quick", "default"):
         assert preset(name)["teacher"] == {"temperature": 1.0, "input": "augmented", "ema": 0.0,
-                                           "triplanar": False, "weighting": "none"}, name
+                                           "triplanar": False, "weighting": "none", "student_view": "same"}, name
 
 
 @pytest.mark.parametrize("key, value", [("teacher.ema", 1.0), ("teacher.ema", -0.1), ("teacher.triplanar", 1),
-                                        ("teacher.weighting", "entropy")])
+                                        ("teacher.weighting", "entropy"), ("teacher.student_view", "weak")])
 def test_bad_teacher_settings_are_refused(key, value):
     with pytest.raises(InputError, match=key):
         apply_overrides(preset("quick"), {key: value})
@@ -193,3 +193,17 @@ def test_confidence_weighting_ignores_an_unsure_teacher(tmp_path_factory, monkey
         assert record["loss_3d"] == 0.0 and all(float(g.abs().max()) == 0.0 for g in grads)
     else:
         assert record["loss_3d"] > 0.0 and any(float(g.abs().max()) > 0.0 for g in grads)
+
+
+# -- a stronger augmentation on the student's view than on the teacher's ------------------------------------
+@pytest.mark.parametrize("teacher_input", ["augmented", "clean"])
+def test_strong_student_view_perturbs_only_the_students_patch(tmp_path_factory, teacher_input):
+    trainer = _trainer(trained_run(tmp_path_factory).run_dir, input=teacher_input)
+    usual = trainer.draw_batch(trainer.stage2, trainer.masks_version)
+    trainer.config["teacher"]["student_view"] = "strong"
+    strong = trainer.draw_batch(trainer.stage2, trainer.masks_version)
+    assert len(strong.x_u) and torch.equal(strong.x_l, usual.x_l)  # the same draws up to the extra augmentation
+    teacher_view = usual.x_u if teacher_input == "augmented" else usual.x_clean
+    assert torch.equal(strong.x_clean, teacher_view)  # the teacher's view is unchanged ...
+    assert not torch.allclose(strong.x_u, usual.x_u, atol=1e-3)  # ... the student's is perturbed further
+    assert float((strong.x_u - usual.x_u).std()) > 0.05
