@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="offline demo: make data, train, predict, compare with baseline")
     demo.add_argument("--output", type=Path, default=Path("mnsegment_demo"))
     demo.add_argument("--device", default="auto")
+    demo.add_argument("--steps", type=int, default=None, help="training steps per arm (default: the demo's 150)")
     return parser
 
 
@@ -181,7 +182,7 @@ def run(args: argparse.Namespace, events: Events, stop: threading.Event) -> int:
     elif args.command == "demo":
         from .demo import run_demo
 
-        run_demo(args.output, args.device, stop)
+        run_demo(args.output, args.device, stop, **({"steps": args.steps} if args.steps else {}))
     return EXIT_OK
 
 

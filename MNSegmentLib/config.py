@@ -81,6 +81,11 @@ _BASE: dict[str, Any] = {
     "teacher": {  # how the frozen network of stage 2 makes the student's targets on unlabeled patches
         "temperature": 1.0,  # softmax(logits / T): 1 = the reference's soft targets, < 1 sharper, 0 = hard labels
         "input": "augmented",  # augmented: the student's own patch (reference); clean: before intensity aug
+        # The candidates below are off (the reference's teacher) until measured (docs/BENCHMARKS.md, section 8).
+        "ema": 0.0,  # > 0: the teacher is an EMA copy of the other network with this decay (e.g. 0.99)
+        "triplanar": False,  # the 2D network trains on and, as teacher, averages slices of every near-isotropic axis
+        "weighting": "none",  # none | confidence: weight unlabeled voxels by the teacher's top probability
+        "student_view": "same",  # same | strong: the student's unlabeled patches get an extra, stronger augmentation
     },
     "inference": {
         "network": "3d",  # 3d | 2d | ensemble
@@ -220,6 +225,11 @@ def validate(config: dict[str, Any]) -> None:
     _check(isinstance(teacher["temperature"], (int, float)) and teacher["temperature"] >= 0,
            "teacher.temperature", "a number >= 0 (1 = soft targets, 0 = hard labels)")
     _check(teacher["input"] in ("augmented", "clean"), "teacher.input", "augmented or clean")
+    _check(isinstance(teacher["ema"], (int, float)) and 0 <= teacher["ema"] < 1, "teacher.ema",
+           "a decay in [0, 1) (0 = the raw other network teaches)")
+    _check(isinstance(teacher["triplanar"], bool), "teacher.triplanar", "true or false")
+    _check(teacher["weighting"] in ("none", "confidence"), "teacher.weighting", "none or confidence")
+    _check(teacher["student_view"] in ("same", "strong"), "teacher.student_view", "same or strong")
     _check(m2["adaptation"] in ("lora", "frozen", "full"), "model2d.adaptation", "one of lora, frozen, full")
     _check(m2["decoder_norm"] in ("group", "batch"), "model2d.decoder_norm", "group or batch")
     _check(config["data"]["normalization"] in ("auto", "ct", "mr", "none"), "data.normalization",

@@ -59,6 +59,16 @@ def intensity_augmentation() -> Compose:
     ])
 
 
+def strong_augmentation() -> Compose:
+    """The student-only extra perturbation of unlabeled patches (``teacher.student_view=strong``): always a
+    contrast change and noise, sometimes blur, each stronger than :func:`intensity_augmentation`'s."""
+    return Compose([
+        RandAdjustContrast(prob=1.0, gamma=(0.5, 2.0)),
+        RandGaussianSmooth(sigma_x=(0.5, 1.5), sigma_y=(0.5, 1.5), sigma_z=(0.5, 1.5), prob=0.3),
+        RandGaussianNoise(prob=1.0, std=0.1),
+    ])
+
+
 class PatchSampler:
     """Draws patches from preprocessed volumes (in memory or memory-mapped from the cache)."""
 
@@ -70,6 +80,7 @@ class PatchSampler:
         self.foreground_fraction = foreground_fraction
         self.scale_jitter = scale_jitter
         self.augment = intensity_augmentation() if intensity_aug else None
+        self.strong = strong_augmentation()
         self.coords = [foreground_coords(label, np.random.default_rng(0)) for label in labels]
 
     def __len__(self) -> int:
@@ -123,12 +134,15 @@ class PatchSampler:
                               if tuple(crop) != size else label[0].long())
         return torch.stack(images).float(), (torch.stack(labels) if labels else None)
 
-    def augment_batch(self, batch: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        """Intensity augmentation of every patch (a no-op when disabled or for an empty batch)."""
-        if self.augment is None or not len(batch):
+    def augment_batch(self, batch: torch.Tensor, rng: np.random.Generator, strong: bool = False) -> torch.Tensor:
+        """Intensity augmentation of every patch (a no-op when disabled or for an empty batch); ``strong``: the
+        student-only extra perturbation instead (:func:`strong_augmentation`, applied even without
+        ``sampling.intensity_aug``)."""
+        augment = self.strong if strong else self.augment
+        if augment is None or not len(batch):
             return batch
-        self.augment.set_random_state(seed=int(rng.integers(2**31)))
-        return torch.stack([torch.as_tensor(self.augment(patch)) for patch in batch]).float()
+        augment.set_random_state(seed=int(rng.integers(2**31)))
+        return torch.stack([torch.as_tensor(augment(patch)) for patch in batch]).float()
 
     def sample(self, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Cropped and augmented patches with their labels (see :meth:`crop`)."""

@@ -28,7 +28,7 @@ from .errors import Cancelled, InputError
 from .events import Events
 from .inference import predict_array, predictor
 from .io import write_failed
-from .losses import dice_kl_loss, one_hot
+from .losses import confidence_weight, dice_kl_loss, one_hot
 from .lrg import split_batch, unlabeled_share
 from .models2d import build_model2d
 from .models3d import build_model3d
@@ -38,6 +38,7 @@ from .sampling import PatchSampler
 from .scalars import Scalars
 from .schedule import lr_factor, stage_bounds
 from .slicing import apply_2d
+from .teachers import EmaCopy, slice_axes
 
 log = logging.getLogger("mnsegment")
 
@@ -60,7 +61,7 @@ class Batch:
     x_l: torch.Tensor  # labeled patches (n, 1, X, Y, Z)
     y_l: torch.Tensor | None  # their labels
     x_u: torch.Tensor  # unlabeled patches, augmented
-    x_clean: torch.Tensor | None  # the same before augmentation, when the teacher sees that view
+    x_clean: torch.Tensor | None  # the teacher's view of x_u when it differs (teacher.input, teacher.student_view)
     n_labeled: int  # labeled and unlabeled patches of the step's global batch (all ranks together)
     n_unlabeled: int
 
@@ -193,6 +194,10 @@ class Trainer:
         # One loss scale per network: an overflow in one network's float16 gradients must not shrink the other's.
         self.scalers = {net: torch.amp.GradScaler(device.type, enabled=self.amp.use_scaler) for net in ("2d", "3d")}
         self.micro_batch = int(config["train"]["micro_batch"] or config["sampling"]["batch_size"])
+        teacher = config["teacher"]
+        self.axes_2d = slice_axes(plan.target_spacing, config["data"]["slice_axis"], teacher["triplanar"])
+        self.ema = ({"2d": EmaCopy(self.model2d, teacher["ema"]), "3d": EmaCopy(self.model3d, teacher["ema"])}
+                    if teacher["ema"] else {})
         self.step = 0
         self.history: list[dict] = []
         self.masks_version = -1  # which refresh point the pseudo-masks on disk belong to
@@ -220,6 +225,8 @@ class Trainer:
                 scaler.load_state_dict(saved)
         self.step, self.history = state["step"], state["history"]
         self.masks_version = state["masks_version"]
+        for net, ema in self.ema.items():  # a run that turns teacher.ema on when resuming starts the copies now
+            ema.load_state_dict(state.get(f"ema{net}") or (self.model2d if net == "2d" else self.model3d).state_dict())
         self.weights_2d = state.get("weights_2d", self.weights_2d)
         # an out-of-memory back-off is kept: the accumulation order, hence the exact result, depends on it
         self.micro_batch = state.get("micro_batch", self.micro_batch)
@@ -240,7 +247,7 @@ class Trainer:
             "opt2d": self.opt2d.state_dict(), "opt3d": self.opt3d.state_dict(),
             "scaler2d": self.scalers["2d"].state_dict(), "scaler3d": self.scalers["3d"].state_dict(),
             "history": self.history, "masks_version": self.masks_version, "micro_batch": self.micro_batch,
-            "weights_2d": self.weights_2d,
+            "weights_2d": self.weights_2d, **{f"ema{net}": ema.state_dict() for net, ema in self.ema.items()},
         }, self.run_dir / CHECKPOINT)
         for old in (self.run_dir / "pseudo").glob("v*"):  # only the version the checkpoint names is needed now
             if old.name != f"v{self.masks_version}":
@@ -326,10 +333,11 @@ class Trainer:
         return two_d_turn, not two_d_turn
 
     def _forward(self, network: str, x: torch.Tensor) -> torch.Tensor:
+        """The student's logits; with ``teacher.triplanar`` the 2D network slices along its axes in turn."""
         if network == "3d":
             return self.model3d(x)
-        return apply_2d(self.model2d, x, self.config["data"]["slice_axis"], self.config["model2d"]["chunk_slices"],
-                        recompute=True)
+        axis = self.axes_2d[self.step % len(self.axes_2d)]
+        return apply_2d(self.model2d, x, axis, self.config["model2d"]["chunk_slices"], recompute=True)
 
     def _train_student(self, network: str, x_l: torch.Tensor, y_l: torch.Tensor | None, x_u: torch.Tensor,
                        x_teacher: torch.Tensor, patches: int | None = None) -> torch.Tensor:
@@ -357,15 +365,22 @@ class Trainer:
 
     @torch.no_grad()
     def _teacher_targets(self, teacher: str, x: torch.Tensor) -> torch.Tensor:
-        """The frozen network's class probabilities on ``x``, sharpened by ``teacher.temperature``."""
-        model = self.model3d if teacher == "3d" else self.model2d
-        model.eval()
-        logits = self._forward(teacher, x).float()
-        model.train()
-        temperature = self.config["teacher"]["temperature"]
-        if temperature == 0:
-            return one_hot(logits.argmax(1), self.num_classes)
-        return torch.softmax(logits / temperature, 1)
+        """The frozen network's (or its EMA copy's) class probabilities on ``x``, sharpened by
+        ``teacher.temperature``; the 2D teacher's are averaged over its slice axes (``teacher.triplanar``)."""
+        live = self.model3d if teacher == "3d" else self.model2d
+        model = self.ema[teacher].model if self.ema else live
+        temperature = self.config["teacher"]["temperature"] or 1.0  # 0: hard labels of the T = 1 probabilities
+        live.eval()  # EMA copies are always in eval mode
+        if teacher == "3d":
+            probabilities = torch.softmax(model(x).float() / temperature, 1)
+        else:
+            chunk = self.config["model2d"]["chunk_slices"]
+            probabilities = sum(torch.softmax(apply_2d(model, x, axis, chunk).float() / temperature, 1)
+                                for axis in self.axes_2d) / len(self.axes_2d)
+        live.train()
+        if self.config["teacher"]["temperature"] == 0:
+            return one_hot(probabilities.argmax(1), self.num_classes)
+        return probabilities
 
     def _accumulate(self, network: str, x_l: torch.Tensor, y_l: torch.Tensor | None, x_u: torch.Tensor,
                     x_teacher: torch.Tensor, patches: int | None = None) -> torch.Tensor:
@@ -380,18 +395,22 @@ class Trainer:
         teacher = "3d" if network == "2d" else "2d"
         x = torch.cat([x_l, x_u]) if len(x_u) else x_l
         n_labeled = len(x_l)
+        weighted = self.config["teacher"]["weighting"] == "confidence"
         optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)  # on the device: no host sync per micro-batch
         for start in range(0, len(x), self.micro_batch):
             part = slice(start, min(start + self.micro_batch, len(x)))
             with torch.autocast(self.device.type, dtype=self.amp.dtype, enabled=self.amp.dtype is not None):
-                targets = []
+                targets, weights = [], []  # weights: per voxel, only with teacher.weighting=confidence
                 if start < n_labeled:
                     targets.append(one_hot(y_l[part], self.num_classes))
+                    weights.append(torch.ones_like(targets[-1][:, :1]))
                 if part.stop > n_labeled:
                     unlabeled = x_teacher[max(start - n_labeled, 0):part.stop - n_labeled]
                     targets.append(self._teacher_targets(teacher, unlabeled))
-                loss = dice_kl_loss(self._forward(network, x[part]), torch.cat(targets))
+                    weights.append(confidence_weight(targets[-1]) if weighted else None)
+                weight = torch.cat(weights) if weighted else None
+                loss = dice_kl_loss(self._forward(network, x[part]), torch.cat(targets), weight)
                 loss = loss * (part.stop - start) / (patches or len(x))
             scaler.scale(loss).backward()
             total += loss.detach().float()
@@ -402,6 +421,8 @@ class Trainer:
             raise distributed.PeerOutOfMemory()
         scaler.step(optimizer)
         scaler.update()
+        if self.ema:
+            self.ema[network].update(self.model2d if network == "2d" else self.model3d)
         return total
 
     def draw_batch(self, step: int, masks_version: int) -> Batch:
@@ -423,6 +444,9 @@ class Trainer:
         _, y_l, x_l = draw_patches(self.labeled, mine[mine < n_labeled], self.seed, step, 1)
         x_clean, _, x_u = draw_patches(self.unlabeled, mine[mine >= n_labeled] - n_labeled, self.seed, step, 2)
         x_clean = x_clean if self.config["teacher"]["input"] == "clean" else None
+        if self.config["teacher"]["student_view"] == "strong" and len(x_u):  # the teacher keeps the usual view
+            x_clean = x_u if x_clean is None else x_clean
+            x_u = self.unlabeled.augment_batch(x_u, rng, strong=True)
         if self.device.type == "cuda":  # page-locked, so the copy to the GPU can overlap with computation
             x_l, y_l, x_u, x_clean = (t.pin_memory() if t is not None else None for t in (x_l, y_l, x_u, x_clean))
         return Batch(step, masks_version, torch_seed, x_l, y_l, x_u, x_clean, n_labeled, n_unlabeled)

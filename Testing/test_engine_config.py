@@ -27,6 +27,10 @@ def test_presets_resolve_and_validate(name):
     for section in ("data", "sampling", "model2d", "model3d", "train", "lrg", "teacher", "inference"):
         assert section in config
 
+# the reference's teacher: the raw other network's soft targets on the student's view, one slice axis, unweighted
+REFERENCE_TEACHER = {"temperature": 1.0, "input": "augmented", "ema": 0.0, "triplanar": False, "weighting": "none",
+                     "student_view": "same"}
+
 
 def test_preset_values():
     paper, quick, default = preset("paper"), preset("quick"), preset("default")
@@ -34,7 +38,7 @@ def test_preset_values():
     assert paper["train"]["lr_2d"] == 1e-3 and paper["train"]["lr_3d"] == 1e-4
     assert paper["train"]["alternate_every"] == 8 and paper["lrg"]["cap"] == 0.8
     # the reference's batch composition and soft targets in paper; unlabeled patches on top elsewhere
-    assert paper["lrg"]["unlabeled"] == "replace" and paper["teacher"] == {"temperature": 1.0, "input": "augmented"}
+    assert paper["lrg"]["unlabeled"] == "replace" and paper["teacher"] == REFERENCE_TEACHER
     assert quick["lrg"]["unlabeled"] == default["lrg"]["unlabeled"] == "add"
     assert quick["model3d"]["kwargs"]["channels"] == [16, 32, 64, 128]
     assert quick["model3d"]["kwargs"]["strides"] == [2, 2, 2]
@@ -101,7 +105,7 @@ def test_run_config_from_an_older_engine_gets_the_new_keys_defaults(tmp_path):
     old["lrg"]["unlabeled"] = "replace"
     (tmp_path / "config.json").write_text(json.dumps(old))
     loaded = load_run_config(tmp_path / "config.json")
-    assert loaded["teacher"] == {"temperature": 1.0, "input": "augmented"}  # the behaviour it was trained with
+    assert loaded["teacher"] == REFERENCE_TEACHER  # the behaviour it was trained with
     assert loaded["train"]["deterministic"] is True and preset("quick")["train"]["deterministic"] is False
     assert loaded["lrg"]["unlabeled"] == "replace" and loaded["model3d"] == old["model3d"]  # its own values win
     validate(loaded)

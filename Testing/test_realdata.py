@@ -173,6 +173,22 @@ def test_tissue_structures(tmp_path: Path, structure: str, lo: float, hi: float)
     assert lo < y.mean() < hi, y.mean()
 
 
+@needs_nilearn
+def test_grey_and_white_matter_task_has_two_classes(tmp_path: Path):
+    dl = realdata.make_t1_task(tmp_path / "tissue", n_labeled=1, n_unlabeled=0, n_test=0, structure="tissue",
+                               resolution_mm=RES)
+    assert json.loads(dl.read_text())["classes"] == {"1": "grey_matter", "2": "white_matter"}
+    y = _read(dl.parent / "labelsTr/s000.nii.gz")[1]
+    # the same subject's one-class tasks: grey matter is class 1 except where white matter wins, white is class 2
+    gm = _read(realdata.make_t1_task(tmp_path / "gm", n_labeled=1, n_unlabeled=0, n_test=0, structure="gm",
+                                     resolution_mm=RES).parent / "labelsTr/s000.nii.gz")[1]
+    wm = _read(realdata.make_t1_task(tmp_path / "wm", n_labeled=1, n_unlabeled=0, n_test=0, structure="wm",
+                                     resolution_mm=RES).parent / "labelsTr/s000.nii.gz")[1]
+    assert set(np.unique(y)) == {0, 1, 2}
+    assert np.array_equal(y == 2, wm == 1) and np.array_equal(y == 1, (gm == 1) & (wm == 0))
+    assert 0.05 < (y == 1).mean() and 0.04 < (y == 2).mean()
+
+
 def test_missing_nilearn_raises_import_error(monkeypatch, tmp_path: Path):
     monkeypatch.setitem(sys.modules, "nilearn.datasets", None)  # makes the import fail
     assert not realdata.nilearn_available()

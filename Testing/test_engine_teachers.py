@@ -1,0 +1,209 @@
+"""Stronger stage-2 teachers (teachers.py, losses.py): EMA copies, the triplanar 2D teacher, confidence-weighted
+unlabeled loss. Each is checked on real training steps of the tiny trained run; each test fails without its
+feature (the reference teacher: the raw other network, one slice axis, unweighted loss)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from engine_fixtures import states_equal, trained_run
+
+from MNSegmentLib import slicing
+from MNSegmentLib.config import apply_overrides, preset
+from MNSegmentLib.datalist import load_datalist
+from MNSegmentLib.errors import InputError
+from MNSegmentLib.events import Events
+from MNSegmentLib.losses import confidence_weight, dice_kl_loss
+from MNSegmentLib.preprocess import Plan
+from MNSegmentLib.teachers import EmaCopy, slice_axes
+from MNSegmentLib.trainer import Trainer
+
+
+def _trainer(run_dir: Path, **teacher) -> Trainer:
+    """A Trainer on ``run_dir`` (the tiny run's checkpoint), all-unlabeled stage-2 batches from step 2, students
+    alternating every step (2D at even steps), with ``teacher.*`` settings."""
+    config = json.loads((run_dir / "config.json").read_text())
+    config["train"].update(steps=8, warmup_fraction=0.25, alternate_every=1)
+    config["lrg"].update(mode="fixed", share=1.0, cap=1.0, unlabeled="replace")
+    config["teacher"].update(teacher)
+    plan = Plan.from_json(json.loads((run_dir / "plan.json").read_text()))
+    datalist = load_datalist(run_dir / "datalist.json", check_files=False)
+    return Trainer(run_dir, config, plan, datalist, torch.device("cpu"), Events(False))
+
+
+def _patch(trainer: Trainer) -> torch.Tensor:
+    import numpy as np
+
+    return trainer.unlabeled.sample(1, np.random.default_rng(0))[0]
+
+
+def _perturb(model: torch.nn.Module) -> None:
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * p.abs().mean() * torch.randn(p.shape, generator=generator))
+
+
+# -- settings ------------------------------------------------------------------------------------------------
+def test_candidates_are_off_by_default_and_in_the_paper_preset():
+    for name in ("paper", "quick", "default"):
+        assert preset(name)["teacher"] == {"temperature": 1.0, "input": "augmented", "ema": 0.0,
+                                           "triplanar": False, "weighting": "none", "student_view": "same"}, name
+
+
+@pytest.mark.parametrize("key, value", [("teacher.ema", 1.0), ("teacher.ema", -0.1), ("teacher.triplanar", 1),
+                                        ("teacher.weighting", "entropy"), ("teacher.student_view", "weak")])
+def test_bad_teacher_settings_are_refused(key, value):
+    with pytest.raises(InputError, match=key):
+        apply_overrides(preset("quick"), {key: value})
+
+
+@pytest.mark.parametrize("spacing, expected", [
+    ((1.0, 1.0, 1.0), (2, 0, 1)),  # 1 mm brain: all three directions
+    ((3.0, 3.0, 3.0), (2, 0, 1)),
+    ((0.625, 0.625, 2.5), (2,)),  # cardiac MR: sagittal/coronal slices are 4x anisotropic
+    ((0.8, 0.8, 5.0), (2,)),  # abdominal CT
+    ((1.0, 1.0, 2.0), (2, 0, 1)),  # at the limit (2x)
+])
+def test_triplanar_axes_follow_the_spacing(spacing, expected):
+    assert slice_axes(spacing, 2, triplanar=True) == expected
+    assert slice_axes(spacing, 2, triplanar=False) == (2,)
+
+
+# -- losses --------------------------------------------------------------------------------------------------
+def _soft(shape=(2, 3, 6, 5, 4), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(2 * torch.randn(*shape, generator=g), 1)
+
+
+def test_unit_weights_give_monai_loss_and_zero_weight_ignores_a_voxel():
+    logits, target = torch.randn(2, 3, 6, 5, 4), _soft()
+    ones = torch.ones(2, 1, 6, 5, 4)
+    assert torch.allclose(dice_kl_loss(logits, target, ones), dice_kl_loss(logits, target), atol=1e-6)
+    weight = ones.clone()
+    weight[0, 0, 1, 2, 3] = 0
+    changed = logits.clone()
+    changed[0, :, 1, 2, 3] = torch.tensor([9.0, -9.0, 0.0])
+    assert torch.allclose(dice_kl_loss(logits, target, weight), dice_kl_loss(changed, target, weight), atol=1e-6)
+    assert not torch.allclose(dice_kl_loss(logits, target), dice_kl_loss(changed, target), atol=1e-4)
+
+
+def test_confidence_weight_spans_uncertain_to_certain():
+    uniform = torch.full((1, 4, 2, 2, 2), 0.25)
+    certain = torch.nn.functional.one_hot(torch.zeros(1, 2, 2, 2, dtype=torch.long), 4).movedim(-1, 1).float()
+    assert torch.allclose(confidence_weight(uniform), torch.zeros(1, 1, 2, 2, 2))
+    assert torch.allclose(confidence_weight(certain), torch.ones(1, 1, 2, 2, 2))
+    w = confidence_weight(_soft())
+    assert w.shape == (2, 1, 6, 5, 4) and 0 < float(w.mean()) < 1
+
+
+# -- EMA teacher ---------------------------------------------------------------------------------------------
+def test_ema_copy_follows_the_model_by_its_decay():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    model[1].weight.requires_grad_(False)
+    ema = EmaCopy(model, 0.9)
+    before = copy.deepcopy(ema.state_dict())
+    _perturb(model)
+    model[1].weight.data.add_(1.0)  # frozen: an EMA copy never follows it (it cannot train)
+    ema.update(model)
+    assert torch.allclose(ema.model[0].weight, 0.9 * before["0.weight"] + 0.1 * model[0].weight)
+    assert torch.equal(ema.model[1].weight, before["1.weight"])
+    assert not any(p.requires_grad for p in ema.model.parameters())
+
+
+def test_ema_teacher_makes_the_targets_and_follows_its_network(tmp_path_factory, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run(tmp_path_factory).run_dir, run_dir)
+    trainer = _trainer(run_dir, ema=0.9)
+    x = _patch(trainer)
+    steady = trainer._teacher_targets("3d", x)
+    _perturb(trainer.model3d)  # the live network moves; its EMA copy has not been updated yet
+    assert torch.equal(trainer._teacher_targets("3d", x), steady)
+    reference = _trainer(run_dir)  # teacher.ema = 0: the raw network teaches, so the move shows
+    _perturb(reference.model3d)
+    assert not torch.allclose(reference._teacher_targets("3d", x), steady, atol=1e-4)
+
+    # a 3D-student step (step 3) updates the 3D copy only
+    ema2d, ema3d = (copy.deepcopy(trainer.ema[n].state_dict()) for n in ("2d", "3d"))
+    trainer.step = 3
+    trainer.train_step()
+    assert states_equal(ema2d, trainer.ema["2d"].state_dict())
+    name, value = next((k, v) for k, v in trainer.model3d.state_dict().items() if v.is_floating_point())
+    assert torch.allclose(trainer.ema["3d"].state_dict()[name], 0.9 * ema3d[name] + 0.1 * value, atol=1e-6)
+
+    # the copies are in the checkpoint and come back on resume
+    trainer.save_checkpoint()
+    resumed = _trainer(run_dir, ema=0.9)
+    assert states_equal(resumed.ema["3d"].state_dict(), trainer.ema["3d"].state_dict())
+    assert states_equal(resumed.ema["2d"].state_dict(), trainer.ema["2d"].state_dict())
+
+
+# -- triplanar 2D teacher ------------------------------------------------------------------------------------
+def test_triplanar_teacher_averages_the_three_slice_directions(tmp_path_factory):
+    run_dir = trained_run(tmp_path_factory).run_dir
+    trainer = _trainer(run_dir, triplanar=True)
+    assert trainer.axes_2d == (2, 0, 1)  # the tiny set's 1 x 1 x 2 mm grid
+    x = _patch(trainer)
+    model = trainer.model2d.eval()
+    with torch.no_grad():
+        per_axis = [torch.softmax(slicing.apply_2d(model, x, axis, 128), 1) for axis in (0, 1, 2)]
+    model.train()
+    targets = trainer._teacher_targets("2d", x)
+    assert torch.allclose(targets, sum(per_axis) / 3, atol=1e-5)
+    single = _trainer(run_dir)._teacher_targets("2d", x)
+    assert torch.allclose(single, per_axis[2], atol=1e-5) and not torch.allclose(targets, single, atol=1e-3)
+
+
+def test_triplanar_2d_student_trains_on_each_axis_in_turn(tmp_path_factory, monkeypatch):
+    trainer = _trainer(trained_run(tmp_path_factory).run_dir, triplanar=True)
+    axes = []
+    original = slicing.apply_2d
+
+    def recording(model, x, axis, chunk, recompute=False):
+        if recompute:  # the student's pass (teachers run without it)
+            axes.append(axis)
+        return original(model, x, axis, chunk, recompute)
+
+    monkeypatch.setattr("MNSegmentLib.trainer.apply_2d", recording)
+    for step in (2, 4, 6):  # 2D-student steps
+        trainer.step = step
+        trainer.train_step()
+    assert sorted(axes) == [0, 1, 2]
+
+
+# -- confidence-weighted unlabeled loss ----------------------------------------------------------------------
+@pytest.mark.parametrize("weighting", ["none", "confidence"])
+def test_confidence_weighting_ignores_an_unsure_teacher(tmp_path_factory, monkeypatch, weighting):
+    """An all-unlabeled batch whose teacher is maximally unsure (uniform probabilities): weighted, it teaches
+    nothing (zero loss and gradients); unweighted, the student is pulled towards the uniform targets."""
+    trainer = _trainer(trained_run(tmp_path_factory).run_dir, weighting=weighting)
+    monkeypatch.setattr(trainer, "_teacher_targets",
+                        lambda teacher, x: torch.full((len(x), trainer.num_classes, *x.shape[2:]),
+                                                      1.0 / trainer.num_classes))
+    trainer.step = 3  # 3D student
+    record = trainer.train_step()
+    grads = [p.grad for p in trainer.model3d.parameters() if p.grad is not None]
+    if weighting == "confidence":
+        assert record["loss_3d"] == 0.0 and all(float(g.abs().max()) == 0.0 for g in grads)
+    else:
+        assert record["loss_3d"] > 0.0 and any(float(g.abs().max()) > 0.0 for g in grads)
+
+
+# -- a stronger augmentation on the student's view than on the teacher's ------------------------------------
+@pytest.mark.parametrize("teacher_input", ["augmented", "clean"])
+def test_strong_student_view_perturbs_only_the_students_patch(tmp_path_factory, teacher_input):
+    trainer = _trainer(trained_run(tmp_path_factory).run_dir, input=teacher_input)
+    usual = trainer.draw_batch(trainer.stage2, trainer.masks_version)
+    trainer.config["teacher"]["student_view"] = "strong"
+    strong = trainer.draw_batch(trainer.stage2, trainer.masks_version)
+    assert len(strong.x_u) and torch.equal(strong.x_l, usual.x_l)  # the same draws up to the extra augmentation
+    teacher_view = usual.x_u if teacher_input == "augmented" else usual.x_clean
+    assert torch.equal(strong.x_clean, teacher_view)  # the teacher's view is unchanged ...
+    assert not torch.allclose(strong.x_u, usual.x_u, atol=1e-3)  # ... the student's is perturbed further
+    assert float((strong.x_u - usual.x_u).std()) > 0.05
