@@ -23,10 +23,10 @@ import threading
 import traceback
 from pathlib import Path
 
-from . import distributed
-from .errors import Cancelled, InputError
-from .events import Events
-from .progressbar import terminal_progress
+from MNSegmentLib.errors import Cancelled, InputError
+from MNSegmentLib.events import Events
+from MNSegmentLib.progressbar import terminal_progress
+from MNSegmentLib.training import distributed
 
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGBREAK")  # those this platform has are handled
@@ -148,8 +148,8 @@ def _print_metrics(result: dict) -> None:
 
 
 def run(args: argparse.Namespace, events: Events, stop: threading.Event) -> int:
-    from . import workflow
-    from .config import parse_set_args
+    from MNSegmentLib import workflow
+    from MNSegmentLib.config import parse_set_args
 
     if args.command == "train":
         overrides = parse_set_args(args.overrides)
@@ -164,7 +164,7 @@ def run(args: argparse.Namespace, events: Events, stop: threading.Event) -> int:
                                    events, stop, args.reference)
         events.emit("done", outputs=[str(p) for p in written])
     elif args.command == "suggest":
-        from .suggestions import ranked_table
+        from MNSegmentLib.inference.suggestions import ranked_table
 
         record = workflow.suggest(args.model, args.images, args.output, args.device, events, stop)
         print(ranked_table(record))
@@ -172,7 +172,7 @@ def run(args: argparse.Namespace, events: Events, stop: threading.Event) -> int:
         events.emit("done", suggestions=record["volumes"], suggestions_file=record["file"],
                     suggestions_s=record["seconds"])
     elif args.command == "evaluate":
-        from .metrics import evaluate
+        from MNSegmentLib.evaluation.metrics import evaluate
 
         result = evaluate(args.prediction, args.reference)
         if args.json:
@@ -180,7 +180,7 @@ def run(args: argparse.Namespace, events: Events, stop: threading.Event) -> int:
         else:
             _print_metrics(result)
     elif args.command == "demo":
-        from .demo import run_demo
+        from MNSegmentLib.demo import run_demo
 
         run_demo(args.output, args.device, stop, **({"steps": args.steps} if args.steps else {}))
     return EXIT_OK

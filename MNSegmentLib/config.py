@@ -7,12 +7,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from MNSegmentLib.errors import InputError
 
 # Values shared by every preset; each preset below overrides a few of them.
 _BASE: dict[str, Any] = {
     "seed": 0,
-    # an image whose current prediction training writes to RUN/preview.nii.gz at each checkpoint (MNSegmentLib.preview)
+    # an image whose current prediction training writes to RUN/preview.nii.gz at each checkpoint
+    # (MNSegmentLib.training.preview)
     "preview": None,
     "data": {
         "target_spacing": None,  # [x, y, z] in mm; None = median spacing of the labeled cases (nnU-Net style)
@@ -68,7 +69,7 @@ _BASE: dict[str, Any] = {
         "deterministic": False,
         "prefetch": True,  # draw the next step's patches on a background thread (same patches as without)
         "micro_batch": None,  # patches per forward/backward; None = the whole batch (halved on CUDA out-of-memory)
-        "suggest": True,  # after training, rank the unlabeled volumes to label next (suggestions.py)
+        "suggest": True,  # after training, rank the unlabeled volumes to label next (inference.suggestions)
     },
     "lrg": {
         "mode": "lr",  # lr | linear | fixed | off
@@ -246,7 +247,7 @@ def validate(config: dict[str, Any]) -> None:
 
 
 def save(config: dict[str, Any], path: Path) -> None:
-    from .io import write_json_atomic
+    from MNSegmentLib.data.io import write_json_atomic
 
     write_json_atomic(path, config)
 

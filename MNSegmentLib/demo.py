@@ -19,8 +19,8 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-from .metrics import evaluate
-from .workflow import predict, train
+from MNSegmentLib.evaluation.metrics import evaluate
+from MNSegmentLib.workflow import predict, train
 
 log = logging.getLogger("mnsegment")
 _MARKER = ".mnsegment-demo"
@@ -45,7 +45,7 @@ def demo_dataset(data_dir: Path) -> tuple[Path, list[dict], str]:
     Returns the datalist, the held-out test cases (image + hidden label) and a description.
     """
     try:
-        from .realdata import make_t1_task
+        from MNSegmentLib.data.realdata import make_t1_task
 
         datalist = make_t1_task(data_dir / "t1_wm", n_labeled=2, n_unlabeled=3, n_test=3, structure="wm",
                                 seed=0, resolution_mm=3.0)
@@ -54,7 +54,7 @@ def demo_dataset(data_dir: Path) -> tuple[Path, list[dict], str]:
         return datalist, tests, "white matter in T1 MR volumes made from the real MNI152 template"
     except ImportError as err:
         log.info("%s; using synthetic data instead", err)
-    from .synthetic import make_blob_dataset
+    from MNSegmentLib.data.synthetic import make_blob_dataset
 
     datalist = make_blob_dataset(data_dir / "blobs", n_labeled=3, n_unlabeled=5)
     entries = json.loads(datalist.read_text(encoding="utf-8"))["unlabeled"]
@@ -130,8 +130,8 @@ def _cores() -> int:
 
 def run_demo(output: Path, device: str = "auto", stop: threading.Event | None = None,
              steps: int = DEMO_STEPS) -> dict[str, float]:
-    from .device import resolve_device
-    from .errors import InputError
+    from MNSegmentLib.device import resolve_device
+    from MNSegmentLib.errors import InputError
 
     output = Path(output).absolute()
     if output.exists() and any(output.iterdir()) and not (output / _MARKER).exists():

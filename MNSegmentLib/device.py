@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import InputError
+from MNSegmentLib.errors import InputError
 
 
 def resolve_device(name: str) -> torch.device:

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-from .events import Events
+from MNSegmentLib.events import Events
 
 
 class ProgressBar:

@@ -11,23 +11,30 @@ from pathlib import Path
 import SimpleITK as sitk
 import torch
 
-from . import config as configuration
-from . import distributed
-from .continuation import SourceRun, source_of
-from .datalist import Datalist, load_datalist
-from .device import amp_for, resolve_device
-from .errors import Cancelled, InputError
-from .events import Events
-from .inference import predict_files, predictor
-from .io import writable_folder, write_failed, write_json_atomic
-from .models2d import build_model2d
-from .models3d import build_model3d, check_patch_size
-from .planning.fingerprint import Fingerprint, fingerprint_datalist
-from .planning.planner import PLANNED_KEYS, budget_from_config, explicit_settings, plan_experiment
-from .preprocess import Plan, preprocess_datalist
-from .selection import MODEL_CHOICE, choose_network, read_choice, validation_scores
-from .suggestions import SUGGESTIONS_DIR, SUGGESTIONS_FILE, Scorer, check_output, suggest_files, with_absolute_maps
-from .trainer import CHECKPOINT, MODEL, Trainer
+from MNSegmentLib import config as configuration
+from MNSegmentLib.data.datalist import Datalist, load_datalist
+from MNSegmentLib.data.io import writable_folder, write_failed, write_json_atomic
+from MNSegmentLib.data.preprocess import Plan, preprocess_datalist
+from MNSegmentLib.device import amp_for, resolve_device
+from MNSegmentLib.errors import Cancelled, InputError
+from MNSegmentLib.evaluation.network_choice import MODEL_CHOICE, choose_network, read_choice, validation_scores
+from MNSegmentLib.events import Events
+from MNSegmentLib.inference.predict import predict_files, predictor
+from MNSegmentLib.inference.suggestions import (
+    SUGGESTIONS_DIR,
+    SUGGESTIONS_FILE,
+    Scorer,
+    check_output,
+    suggest_files,
+    with_absolute_maps,
+)
+from MNSegmentLib.models.network2d import build_model2d
+from MNSegmentLib.models.network3d import build_model3d, check_patch_size
+from MNSegmentLib.planning.fingerprint import Fingerprint, fingerprint_datalist
+from MNSegmentLib.planning.planner import PLANNED_KEYS, budget_from_config, explicit_settings, plan_experiment
+from MNSegmentLib.training import distributed
+from MNSegmentLib.training.continuation import SourceRun, source_of
+from MNSegmentLib.training.trainer import CHECKPOINT, MODEL, Trainer
 
 log = logging.getLogger("mnsegment")
 
@@ -215,7 +222,7 @@ def _run(run_dir: Path, config: dict, plan: Plan, device: torch.device, events: 
 
 def _suggest_after_training(trainer: Trainer, datalist: Datalist, events: Events,
                             stop: threading.Event | None) -> dict:
-    """Ranks the unlabeled volumes to label next (suggestions.py) with the networks just trained; the ``done``
+    """Ranks the unlabeled volumes to label next (inference.suggestions) with the networks just trained; the ``done``
     event carries the ranking. Like curves.png it is an extra: a missing image or a stop costs the suggestions,
     never the model (``mnsegment suggest`` makes them later)."""
     if not trainer.config["train"]["suggest"] or not datalist.unlabeled:
@@ -241,7 +248,8 @@ def _suggest_after_training(trainer: Trainer, datalist: Datalist, events: Events
 
 
 def _choose_network(trainer: Trainer) -> dict:
-    """3D, 2D or ensemble, by Dice on the validation cases (selection.py); the preset's choice without any."""
+    """3D, 2D or ensemble, by Dice on the validation cases (evaluation.network_choice); the preset's choice
+    without any."""
     scores = None
     if trainer.validation:
         scores = validation_scores(trainer.model2d, trainer.model3d, trainer.validation, trainer.config,
@@ -253,7 +261,7 @@ def _write_curves(run_dir: Path, history: list[dict], events: Events) -> None:
     """curves.png is a picture of a finished training: failing to draw it (matplotlib is optional and absent
     from a stock 3D Slicer) costs the picture, never the model."""
     try:
-        from .plots import plot_learning_curves
+        from MNSegmentLib.plots import plot_learning_curves
 
         path = plot_learning_curves(history, run_dir / "curves.png", title=run_dir.name)
     except Exception as error:
@@ -372,7 +380,7 @@ def _predict_on_ranks(ranks: distributed.Ranks, paths: list[Path], output_dir: P
 def suggest(model_dir: str | Path, images: list[str | Path] | None = None, output_dir: str | Path | None = None,
             device: str = "auto", events: Events | None = None, stop: threading.Event | None = None) -> dict:
     """Ranks ``images`` (default: the run's unlabeled volumes) by what labeling them would teach the run's
-    networks (suggestions.py); writes ``suggestions.json`` and the disagreement maps into ``output_dir``
+    networks (inference.suggestions); writes ``suggestions.json`` and the disagreement maps into ``output_dir``
     (default ``RUN/suggestions``) and returns the record with absolute map paths."""
     events = events or Events(False)
     model_dir = Path(model_dir).absolute()
@@ -426,8 +434,8 @@ def _references(references: str | Path | None, images: list[Path]) -> dict[Path,
         return {images[0]: references}
     if not references.is_dir():
         raise InputError(f"--reference {references}: not found")
-    from .io import case_name
-    from .metrics import image_files
+    from MNSegmentLib.data.io import case_name
+    from MNSegmentLib.evaluation.metrics import image_files
 
     available = image_files(references)
     return {image: available[case_name(image)] for image in images if case_name(image) in available}
@@ -436,9 +444,9 @@ def _references(references: str | Path | None, images: list[Path]) -> dict[Path,
 def write_overlay(image_path: Path, prediction_path: Path, reference_path: Path | None = None,
                   classes: dict[int, str] | None = None) -> Path:
     """A PNG next to the prediction: axial, coronal and sagittal slices with contours."""
-    from .io import array_xyz, read_image
-    from .plots import plot_overlay
-    from .preprocess import canonical
+    from MNSegmentLib.data.io import array_xyz, read_image
+    from MNSegmentLib.data.preprocess import canonical
+    from MNSegmentLib.plots import plot_overlay
 
     image = canonical(read_image(image_path))
     prediction = canonical(read_image(prediction_path))

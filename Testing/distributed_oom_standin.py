@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from MNSegmentLib import config as configuration
-from MNSegmentLib import distributed
-from MNSegmentLib.datalist import load_datalist
+from MNSegmentLib.data.datalist import load_datalist
+from MNSegmentLib.data.preprocess import Plan
 from MNSegmentLib.events import Events
-from MNSegmentLib.preprocess import Plan
-from MNSegmentLib.trainer import Trainer
+from MNSegmentLib.training import distributed
+from MNSegmentLib.training.trainer import Trainer
 
 
 class SmallGpu(torch.nn.Module):

@@ -24,7 +24,7 @@ import pytest
 import torch
 from engine_fixtures import TINY_SET, cli_command, cli_env, make_dataset, parse_events, run_cli, set_args
 
-from MNSegmentLib import distributed
+from MNSegmentLib.training import distributed
 
 STEPS = 10
 SETTINGS = {**TINY_SET, "train.steps": STEPS, "train.warmup_fraction": 0.5, "train.checkpoint_every": 1000}

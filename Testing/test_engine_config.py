@@ -16,8 +16,8 @@ from MNSegmentLib.config import (
     validate,
 )
 from MNSegmentLib.errors import InputError
-from MNSegmentLib.schedule import stage_bounds
-from MNSegmentLib.trainer import refresh_steps
+from MNSegmentLib.training.schedule import stage_bounds
+from MNSegmentLib.training.trainer import refresh_steps
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

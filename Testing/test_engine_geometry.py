@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 from engine_fixtures import parse_events, run_cli, to_image, trained_run
 
-from MNSegmentLib.metrics import evaluate
+from MNSegmentLib.evaluation.metrics import evaluate
 
 BASE_SPACING = (0.9, 1.2, 2.4)  # not the training spacing (1, 1, 2): predictions are resampled back
 BASE_SHAPE = (36, 30, 18)

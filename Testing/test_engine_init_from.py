@@ -20,9 +20,9 @@ from engine_fixtures import (
 )
 
 from MNSegmentLib import workflow
-from MNSegmentLib.continuation import sha256
 from MNSegmentLib.errors import InputError
-from MNSegmentLib.trainer import CHECKPOINT, MODEL, Trainer
+from MNSegmentLib.training.continuation import sha256
+from MNSegmentLib.training.trainer import CHECKPOINT, MODEL, Trainer
 
 
 def _states_at_first_step(monkeypatch) -> list[dict[str, torch.Tensor]]:
@@ -67,7 +67,7 @@ def test_init_from_starts_from_the_source_weights_and_records_it(tmp_path_factor
 
 
 def test_default_steps_are_a_quarter_of_the_source_and_data_settings_can_be_overridden(tmp_path_factory):
-    from MNSegmentLib.continuation import SourceRun
+    from MNSegmentLib.training.continuation import SourceRun
 
     source = SourceRun.open(trained_run(tmp_path_factory).run_dir)
     inherited = source.inherited({"data.target_spacing": [2.0, 2.0, 2.0]}, steps_set=False)
@@ -78,7 +78,7 @@ def test_default_steps_are_a_quarter_of_the_source_and_data_settings_can_be_over
 
 
 def test_init_from_a_changed_model_file_is_refused(tmp_path_factory):
-    from MNSegmentLib.continuation import SourceRun
+    from MNSegmentLib.training.continuation import SourceRun
 
     source = SourceRun.open(trained_run(tmp_path_factory).run_dir)
     source.model_sha256 = "0" * 64  # as if model.pt had been replaced after the new run was made

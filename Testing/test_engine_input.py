@@ -7,9 +7,9 @@ import pytest
 import SimpleITK as sitk
 from engine_fixtures import sphere_arrays, to_image
 
-from MNSegmentLib.datalist import Case
+from MNSegmentLib.data.datalist import Case
+from MNSegmentLib.data.preprocess import read_label
 from MNSegmentLib.errors import InputError
-from MNSegmentLib.preprocess import read_label
 
 
 def _case(tmp_path, label_array: np.ndarray, dtype) -> tuple[Case, sitk.Image]:
@@ -45,7 +45,7 @@ def test_a_failed_checkpoint_write_keeps_the_last_one_and_leaves_no_temp_file(tm
 
     import torch
 
-    from MNSegmentLib import checkpoint
+    from MNSegmentLib.training import checkpoint
 
     path = tmp_path / "checkpoint.pt"
     checkpoint.save_atomic({"step": 1, "w": torch.ones(3)}, path)
@@ -69,7 +69,7 @@ def test_a_failed_checkpoint_write_keeps_the_last_one_and_leaves_no_temp_file(tm
 
 
 def test_nan_voxels_are_refused_with_counts(tmp_path):
-    from MNSegmentLib.io import read_image
+    from MNSegmentLib.data.io import read_image
 
     values = np.zeros((4, 5, 6), np.float32)
     values[0, 0, 0] = np.nan

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from MNSegmentLib.losses import dice_kl_loss, one_hot
+from MNSegmentLib.training.losses import dice_kl_loss, one_hot
 
 
 def _soft_target(shape=(2, 3, 4, 5, 3), seed=0):

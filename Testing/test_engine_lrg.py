@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from MNSegmentLib.config import apply_overrides, preset
-from MNSegmentLib.lrg import split_batch, unlabeled_share
-from MNSegmentLib.schedule import lr_factor, stage_bounds
+from MNSegmentLib.training.lrg import split_batch, unlabeled_share
+from MNSegmentLib.training.schedule import lr_factor, stage_bounds
 
 MODES = ("lr", "linear", "fixed", "off")
 

@@ -8,7 +8,7 @@ import SimpleITK as sitk
 from engine_fixtures import to_image
 
 from MNSegmentLib.errors import InputError
-from MNSegmentLib.metrics import case_metrics, evaluate
+from MNSegmentLib.evaluation.metrics import case_metrics, evaluate
 
 
 def _cube(shape=(20, 20, 20), lo=(4, 4, 4), size=6, value=1):

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from MNSegmentLib import config as configuration
-from MNSegmentLib.models2d import build_model2d
-from MNSegmentLib.slicing import apply_2d
+from MNSegmentLib.models.network2d import build_model2d
+from MNSegmentLib.models.slicing import apply_2d
 
 
 def _model(adaptation: str = "lora", decoder_norm: str = "group"):

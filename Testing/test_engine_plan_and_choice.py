@@ -13,11 +13,11 @@ import torch
 from engine_fixtures import make_dataset, parse_events, run_cli, set_args, to_image, trained_run
 
 from MNSegmentLib import config as configuration
-from MNSegmentLib.datalist import load_datalist
+from MNSegmentLib.data.datalist import load_datalist
+from MNSegmentLib.data.preprocess import Plan
 from MNSegmentLib.errors import InputError
-from MNSegmentLib.metrics import case_metrics
-from MNSegmentLib.preprocess import Plan
-from MNSegmentLib.selection import CANDIDATES, choose_network, dice_per_class
+from MNSegmentLib.evaluation.metrics import case_metrics
+from MNSegmentLib.evaluation.network_choice import CANDIDATES, choose_network, dice_per_class
 from MNSegmentLib.workflow import plan_settings, train
 
 QUICK_PATCH = [48, 48, 32]  # the quick preset's patch; the tiny volumes (32x32x20 voxels) are smaller

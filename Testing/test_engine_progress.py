@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from engine_fixtures import TINY_SET, TRAINED_STEPS, cli_command, cli_env, make_dataset, set_args, trained_run
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from MNSegmentLib.scalars import FOLDER, STEP_TIME_TAG, TAGS
+from MNSegmentLib.training.scalars import FOLDER, STEP_TIME_TAG, TAGS
 
 SHORT = {**TINY_SET, "train.steps": 4}
 BAR = "%|"  # tqdm's bar: "50%|█████     | 2/4 [...]"

@@ -10,12 +10,12 @@ import pytest
 import torch
 from engine_fixtures import trained_run
 
-from MNSegmentLib.datalist import load_datalist
+from MNSegmentLib.data.datalist import load_datalist
+from MNSegmentLib.data.preprocess import Plan
+from MNSegmentLib.data.sampling import PatchSampler
 from MNSegmentLib.events import Events
-from MNSegmentLib.inference import predict_array
-from MNSegmentLib.preprocess import Plan
-from MNSegmentLib.sampling import PatchSampler
-from MNSegmentLib.trainer import Trainer
+from MNSegmentLib.inference.predict import predict_array
+from MNSegmentLib.training.trainer import Trainer
 
 
 def _sampler(image, label, patch, foreground_fraction=0.5, scale_jitter=0.0) -> PatchSampler:

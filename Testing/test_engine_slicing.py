@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from MNSegmentLib.slicing import apply_2d, from_slices, to_slices
+from MNSegmentLib.models.slicing import apply_2d, from_slices, to_slices
 
 
 def _volume(channels=3):

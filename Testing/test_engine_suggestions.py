@@ -19,9 +19,9 @@ import torch
 from engine_fixtures import parse_events, run_cli, to_image, trained_run
 
 from MNSegmentLib import config as configuration
+from MNSegmentLib.data.preprocess import Plan
 from MNSegmentLib.errors import Cancelled, InputError
-from MNSegmentLib.preprocess import Plan
-from MNSegmentLib.suggestions import (
+from MNSegmentLib.inference.suggestions import (
     MAP_SUFFIX,
     SUGGESTIONS_FILE,
     Scorer,

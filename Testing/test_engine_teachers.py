@@ -13,15 +13,15 @@ import pytest
 import torch
 from engine_fixtures import states_equal, trained_run
 
-from MNSegmentLib import slicing
 from MNSegmentLib.config import apply_overrides, preset
-from MNSegmentLib.datalist import load_datalist
+from MNSegmentLib.data.datalist import load_datalist
+from MNSegmentLib.data.preprocess import Plan
 from MNSegmentLib.errors import InputError
 from MNSegmentLib.events import Events
-from MNSegmentLib.losses import confidence_weight, dice_kl_loss
-from MNSegmentLib.preprocess import Plan
-from MNSegmentLib.teachers import EmaCopy, slice_axes
-from MNSegmentLib.trainer import Trainer
+from MNSegmentLib.models import slicing
+from MNSegmentLib.training.losses import confidence_weight, dice_kl_loss
+from MNSegmentLib.training.teachers import EmaCopy, slice_axes
+from MNSegmentLib.training.trainer import Trainer
 
 
 def _trainer(run_dir: Path, **teacher) -> Trainer:
@@ -170,7 +170,7 @@ def test_triplanar_2d_student_trains_on_each_axis_in_turn(tmp_path_factory, monk
             axes.append(axis)
         return original(model, x, axis, chunk, recompute)
 
-    monkeypatch.setattr("MNSegmentLib.trainer.apply_2d", recording)
+    monkeypatch.setattr("MNSegmentLib.training.trainer.apply_2d", recording)
     for step in (2, 4, 6):  # 2D-student steps
         trainer.step = step
         trainer.train_step()

@@ -14,11 +14,12 @@ import timm
 import torch
 from engine_fixtures import TINY_SET, make_dataset, model_state, states_equal, trained_run
 
-from MNSegmentLib import pretrained, workflow
-from MNSegmentLib.datalist import load_datalist
+from MNSegmentLib import workflow
+from MNSegmentLib.data.datalist import load_datalist
+from MNSegmentLib.data.preprocess import Plan
 from MNSegmentLib.events import Events
-from MNSegmentLib.preprocess import Plan
-from MNSegmentLib.trainer import Prefetcher, Trainer
+from MNSegmentLib.models import pretrained
+from MNSegmentLib.training.trainer import Prefetcher, Trainer
 
 
 # -- the unlabeled branch (stage 2) really drives the student ------------------------------------------------

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from MNSegmentLib.datalist import load_datalist
+from MNSegmentLib.data.datalist import load_datalist
+from MNSegmentLib.data.preprocess import Plan
+from MNSegmentLib.data.synthetic import make_blob_dataset
 from MNSegmentLib.events import Events
-from MNSegmentLib.preprocess import Plan
-from MNSegmentLib.synthetic import make_blob_dataset
-from MNSegmentLib.trainer import Trainer, step_rng
+from MNSegmentLib.training.trainer import Trainer, step_rng
 from MNSegmentLib.workflow import train
 
 TINY = {"train.steps": 2, "sampling.patch_size": [32, 32, 16], "sampling.batch_size": 4,
@@ -121,8 +121,8 @@ def test_out_of_memory_with_one_patch_is_a_clear_error(trainer: Trainer) -> None
 def test_each_network_has_its_own_loss_scale(trainer: Trainer, monkeypatch) -> None:
     """float16 loss scaling (enabled here on the CPU; on a GPU it is used where bfloat16 is not native): an
     overflow in the 2D network's gradients halves the 2D scale only."""
-    from MNSegmentLib import trainer as trainer_module
     from MNSegmentLib.device import AmpPolicy
+    from MNSegmentLib.training import trainer as trainer_module
 
     monkeypatch.setattr(trainer_module, "amp_for", lambda device, enabled: AmpPolicy(None, True))
     run = trainer.run_dir

@@ -10,11 +10,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from MNSegmentLib import realdata
 from MNSegmentLib.config import preset
-from MNSegmentLib.datalist import Case, Datalist, load_datalist
+from MNSegmentLib.data import realdata
+from MNSegmentLib.data.datalist import Case, Datalist, load_datalist
+from MNSegmentLib.data.io import array_xyz
+from MNSegmentLib.data.preprocess import canonical
 from MNSegmentLib.errors import InputError
-from MNSegmentLib.io import array_xyz
 from MNSegmentLib.planning.fingerprint import CaseFingerprint, Fingerprint, fingerprint_datalist, lps_axes, read_case
 from MNSegmentLib.planning.planner import (
     MIN_COVERAGE,
@@ -27,7 +28,6 @@ from MNSegmentLib.planning.planner import (
     fit_patch,
     plan_experiment,
 )
-from MNSegmentLib.preprocess import canonical
 
 QUICK = budget_from_config(preset("quick"))  # 48×48×32 voxels, 3D U-Net with total stride 8
 PAPER = budget_from_config(preset("paper"))  # 160×160×64 voxels, total stride 16
@@ -292,7 +292,7 @@ def test_saved_activations_are_counted_once_per_storage():
 
 
 def test_activation_memory_per_voxel_of_the_quick_network_does_not_depend_on_the_probe():
-    from MNSegmentLib.models3d import build_model3d
+    from MNSegmentLib.models.network3d import build_model3d
     from MNSegmentLib.planning.memory import activation_bytes_per_voxel, saved_activation_bytes
 
     model = build_model3d(preset("quick")["model3d"], 2).eval()

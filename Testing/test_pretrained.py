@@ -1,4 +1,4 @@
-"""Tests for MNSegmentLib.pretrained: real weights, no network."""
+"""Tests for MNSegmentLib.models.pretrained: real weights, no network."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import timm
 import torch
 
 from MNSegmentLib.errors import InputError
-from MNSegmentLib.pretrained import (
+from MNSegmentLib.models.pretrained import (
     convert_to_timm,
     load_encoder_weights,
     load_state_dict_file,
@@ -210,7 +210,7 @@ def test_missing_and_corrupt_files(tmp_path):
 
 
 def test_imagenet_offline_without_package_gives_guidance(monkeypatch):
-    from MNSegmentLib import pretrained
+    from MNSegmentLib.models import pretrained
 
     name = "resnet18"
     if pretrained._cached_hub_file(name) is not None:

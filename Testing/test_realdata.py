@@ -1,4 +1,4 @@
-"""Tests of MNSegmentLib.realdata: few-label tasks made from the MNI152 template bundled with nilearn."""
+"""Tests of MNSegmentLib.data.realdata: few-label tasks made from the MNI152 template bundled with nilearn."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from MNSegmentLib import realdata
+from MNSegmentLib.data import realdata
 
 needs_nilearn = pytest.mark.skipif(
     not realdata.nilearn_available(), reason="nilearn (demo extra) not installed"

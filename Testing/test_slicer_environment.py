@@ -47,9 +47,9 @@ def test_every_engine_module_imports_there(slicer_env):
     script = (
         "import importlib, json, pkgutil, MNSegmentLib\n"
         "failed = {}\n"
-        "for m in pkgutil.iter_modules(MNSegmentLib.__path__):\n"
+        "for m in pkgutil.walk_packages(MNSegmentLib.__path__, 'MNSegmentLib.'):\n"
         "    try:\n"
-        "        importlib.import_module('MNSegmentLib.' + m.name)\n"
+        "        importlib.import_module(m.name)\n"
         "    except Exception as error:\n"
         "        failed[m.name] = f'{type(error).__name__}: {error}'\n"
         "print(json.dumps(failed))\n"

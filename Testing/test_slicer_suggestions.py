@@ -20,8 +20,8 @@ from slicer_test_utils import add_volume, ellipsoid_case, new_scene, rotation
 from test_engine_suggestions import Threshold
 
 from MNSegmentLib import config as configuration
-from MNSegmentLib.preprocess import Plan
-from MNSegmentLib.suggestions import Scorer, suggest_files
+from MNSegmentLib.data.preprocess import Plan
+from MNSegmentLib.inference.suggestions import Scorer, suggest_files
 
 # isort: split
 from MNSegmentSlicerLib import suggestions

@@ -4,7 +4,7 @@ Every arm trains with the same preset and the same number of steps; each (arm, l
 job in its own process with one thread. Results of finished jobs are kept under ``--out`` and skipped on a
 re-run (resumable). At the end ``results.json`` is written and a markdown table is printed.
 
-Task: ``MNSegmentLib.realdata.make_t1_task`` (white matter at 3 mm by default). A pool of ``--pool`` training
+Task: ``MNSegmentLib.data.realdata.make_t1_task`` (white matter at 3 mm by default). A pool of ``--pool`` training
 subjects (s000..) of which the first L are labeled and the rest unlabeled, plus ``--n-test`` held-out test
 subjects whose images are also in the unlabeled pool (transductive, as in the reference protocol). The pool size
 is fixed, so the 1-, 2- and 4-labeled tasks share exactly the same 12 subjects and the same test set; only how
@@ -93,7 +93,7 @@ def task_dir(out: Path, labeled: int, args: argparse.Namespace) -> Path:
 
 
 def make_task(out: Path, labeled: int, args: argparse.Namespace) -> Path:
-    from MNSegmentLib.realdata import make_t1_task
+    from MNSegmentLib.data.realdata import make_t1_task
 
     return make_t1_task(task_dir(out, labeled, args), n_labeled=labeled, n_unlabeled=args.pool - labeled,
                         n_test=args.n_test, structure=args.structure, seed=args.task_seed,
@@ -130,7 +130,7 @@ def run_job(arm: str, labeled: int, seed: int, steps: int, preset: str, datalist
     import torch
 
     torch.set_num_threads(1)
-    from MNSegmentLib.metrics import evaluate
+    from MNSegmentLib.evaluation.metrics import evaluate
     from MNSegmentLib.workflow import predict, train
 
     out_p = Path(out)
@@ -178,7 +178,7 @@ def otsu_reference(out: Path, labeled: int, datalist: str) -> None:
     outside/CSF/grey/white in a T1) and the brightest class as the prediction. Deterministic (one 'seed')."""
     import SimpleITK as sitk
 
-    from MNSegmentLib.metrics import evaluate
+    from MNSegmentLib.evaluation.metrics import evaluate
 
     path = result_path(out, "otsu3", labeled, 0)
     if path.exists():

@@ -47,7 +47,7 @@ POOL, TEST = [f"s{i:03d}" for i in range(8)], [f"s{i:03d}" for i in range(8, 12)
 
 def make_pool_task(out: Path, args: argparse.Namespace) -> Path:
     """The accuracy task's 12 subjects with every pool label written (subject i depends only on (seed, i))."""
-    from MNSegmentLib.realdata import make_t1_task
+    from MNSegmentLib.data.realdata import make_t1_task
 
     return make_t1_task(out / "task", n_labeled=len(POOL), n_unlabeled=0, n_test=len(TEST),
                         structure=args.structure, seed=args.task_seed, resolution_mm=args.resolution,
@@ -86,7 +86,7 @@ def train_run(datalist: Path, run: Path, steps: int, seed: int, init_from: Path 
 
 
 def test_dice(run: Path, task: Path, network: str, images: list[Path], labels: Path) -> dict[str, float]:
-    from MNSegmentLib.metrics import evaluate
+    from MNSegmentLib.evaluation.metrics import evaluate
     from MNSegmentLib.workflow import predict
 
     predict(run, images, run / f"pred_{network}", network=network, device="cpu")

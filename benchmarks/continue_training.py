@@ -34,7 +34,7 @@ from machine_info import machine  # noqa: E402
 
 def train_and_score(datalist: Path, run: Path, steps: int, seed: int, init_from: Path | None) -> dict:
     """Trains one run (resuming an interrupted one), predicts the task's test images with its 3D network."""
-    from MNSegmentLib.metrics import evaluate
+    from MNSegmentLib.evaluation.metrics import evaluate
     from MNSegmentLib.workflow import predict, resume, train
 
     task = datalist.parent

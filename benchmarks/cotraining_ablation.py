@@ -6,7 +6,7 @@ the difference per seed is a paired one. Each (task, arm, seed) job is one proce
 are kept under ``--out`` and skipped on a re-run. Jobs run seed by seed, so a run cut short leaves complete
 pairs. ``results.json`` and a markdown table of per-seed Dice/HD95 and paired differences are written at the end.
 
-Tasks (``MNSegmentLib.realdata.make_t1_task``, 3 mm, 2 labeled + 6 unlabeled training subjects, 4 test subjects
+Tasks (``MNSegmentLib.data.realdata.make_t1_task``, 3 mm, 2 labeled + 6 unlabeled training subjects, 4 test subjects
 also in the unlabeled pool, as in benchmarks/accuracy.py):
     wm      white matter (one class)
     tissue  grey and white matter (two classes; Dice and HD95 averaged over both)
@@ -51,7 +51,7 @@ OUTPUTS = {"3d": "3d", "delivered": None}  # reported output -> predict(network=
 
 
 def task_datalist(out: Path, task: str, labeled: int) -> Path:
-    from MNSegmentLib.realdata import make_t1_task
+    from MNSegmentLib.data.realdata import make_t1_task
 
     return make_t1_task(out / "tasks" / f"{task}_3mm_L{labeled}", n_labeled=labeled, n_unlabeled=8 - labeled,
                         n_test=4, structure=task, seed=0, resolution_mm=3.0, test_in_unlabeled=True)
@@ -74,7 +74,7 @@ def run_job(task: str, arm: str, seed: int, steps: int, datalist: str, out: str)
     import torch
 
     torch.set_num_threads(1)
-    from MNSegmentLib.metrics import evaluate
+    from MNSegmentLib.evaluation.metrics import evaluate
     from MNSegmentLib.workflow import predict, train
 
     job = Path(out) / "jobs" / f"{task}_{arm}_seed{seed}"

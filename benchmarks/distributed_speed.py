@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/distributed_speed"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    from MNSegmentLib.synthetic import make_blob_dataset
+    from MNSegmentLib.data.synthetic import make_blob_dataset
 
     datalist = make_blob_dataset(args.out / "data", n_labeled=4, n_unlabeled=4, shape=(60, 60, 40))
     results = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

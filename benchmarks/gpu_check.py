@@ -2,7 +2,7 @@
 
 For ``default`` and ``paper`` (its true batch of 5), with mixed precision on and off, a fresh subprocess trains
 the engine's real loop (``Trainer.run``: background prefetch, pseudo-mask refresh, both stages) on a synthetic
-task (``MNSegmentLib.synthetic``, volumes 1.25x the patch) and records
+task (``MNSegmentLib.data.synthetic``, volumes 1.25x the patch) and records
 
     steps/s          over the timed steps (the first ``--skip`` steps, with cuDNN autotuning, are left out)
     data wait        share of step time spent waiting for the batch (the goal: under 10 %)
@@ -51,9 +51,9 @@ def _overrides(items: list[str]) -> dict:
 def _setup(preset: str, overrides: dict, work: Path, steps: int):
     """A fresh run folder on the synthetic task, preprocessed; returns (config, plan, datalist)."""
     from MNSegmentLib import config as configuration
-    from MNSegmentLib.datalist import load_datalist
-    from MNSegmentLib.preprocess import preprocess_datalist
-    from MNSegmentLib.synthetic import make_blob_dataset
+    from MNSegmentLib.data.datalist import load_datalist
+    from MNSegmentLib.data.preprocess import preprocess_datalist
+    from MNSegmentLib.data.synthetic import make_blob_dataset
 
     cfg = configuration.apply_overrides(configuration.preset(preset), {
         "model2d.weights": "none", "seed": 0, "train.steps": steps, "train.warmup_fraction": 0.5,
@@ -70,7 +70,7 @@ def timing_worker(args: argparse.Namespace) -> dict:
     import torch
 
     from MNSegmentLib.events import Events
-    from MNSegmentLib.trainer import Trainer
+    from MNSegmentLib.training.trainer import Trainer
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -104,8 +104,8 @@ def timing_worker(args: argparse.Namespace) -> dict:
 def predict_worker(args: argparse.Namespace) -> dict:
     """Train ``default`` briefly through the public workflow, then predict one unlabeled volume."""
     from MNSegmentLib import workflow
-    from MNSegmentLib.metrics import evaluate
-    from MNSegmentLib.synthetic import make_blob_dataset
+    from MNSegmentLib.data.synthetic import make_blob_dataset
+    from MNSegmentLib.evaluation.metrics import evaluate
 
     work = Path(args.out) / "work_train_predict"
     data = work / "data"

@@ -1,7 +1,7 @@
 """Speed / memory benchmark (issue 4): co-training step time, peak memory and where a step's time goes.
 
 For each preset, a fresh subprocess (so peak RSS is per preset) builds the engine's ``Trainer`` on a tiny
-synthetic task (``MNSegmentLib.synthetic.make_blob_dataset``, volumes 1.25x the patch size so crops are real
+synthetic task (``MNSegmentLib.data.synthetic.make_blob_dataset``, volumes 1.25x the patch size so crops are real
 crops, not padding) and times ``Trainer.train_step`` at three kinds of step:
 
     stage1      both networks train on a labeled batch
@@ -137,11 +137,11 @@ def worker(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     from MNSegmentLib import config as configuration
-    from MNSegmentLib.datalist import load_datalist
+    from MNSegmentLib.data.datalist import load_datalist
+    from MNSegmentLib.data.preprocess import preprocess_datalist
+    from MNSegmentLib.data.synthetic import make_blob_dataset
     from MNSegmentLib.events import Events
-    from MNSegmentLib.preprocess import preprocess_datalist
-    from MNSegmentLib.synthetic import make_blob_dataset
-    from MNSegmentLib.trainer import Trainer
+    from MNSegmentLib.training.trainer import Trainer
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -231,9 +231,9 @@ def loop(args: argparse.Namespace, cfg: dict, datalist, work: Path, device) -> d
     final checkpoint and model saves; the same for any engine version, so runs of two versions compare."""
     import copy
 
+    from MNSegmentLib.data.preprocess import preprocess_datalist
     from MNSegmentLib.events import Events
-    from MNSegmentLib.preprocess import preprocess_datalist
-    from MNSegmentLib.trainer import Trainer
+    from MNSegmentLib.training.trainer import Trainer
 
     cfg = copy.deepcopy(cfg)
     cfg["train"].update(steps=args.loop, warmup_fraction=0.5, checkpoint_every=10**6, validate_every=10**6)

@@ -1,7 +1,7 @@
 """What to label next, in the scene (Qt-free, tested in CI with slicer-core; usable from Slicer's Python console).
 
 The engine ranks the unlabeled volumes after training (``run/suggestions/suggestions.json``, see
-``MNSegmentLib/suggestions.py``). Here that ranking is matched to the scene's volumes, a suggestion is shown
+``MNSegmentLib/inference/suggestions.py``). Here that ranking is matched to the scene's volumes, a suggestion is shown
 (its volume in the background, its disagreement map as a foreground overlay, every slice view centred on the
 most uncertain slice) and a new segmentation is started for it, set up in the Segment Editor's parameter node.
 

@@ -16,9 +16,9 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from ..datalist import Datalist
-from ..errors import InputError
-from ..io import array_xyz, case_name, read_image
+from MNSegmentLib.data.datalist import Datalist
+from MNSegmentLib.data.io import array_xyz, case_name, read_image
+from MNSegmentLib.errors import InputError
 
 
 @dataclass

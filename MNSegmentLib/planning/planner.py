@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .fingerprint import Fingerprint
+from MNSegmentLib.planning.fingerprint import Fingerprint
 
 ANISOTROPY = 3.0  # coarsest / finest spacing above which a volume is a stack of slices (nnU-Net's threshold)
 SLICE_SPACING_PERCENTILE = 10  # target for the coarse axis of anisotropic data: keeps most scans' slices

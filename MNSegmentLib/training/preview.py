@@ -16,11 +16,11 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .errors import InputError
-from .events import Events
-from .inference import label_image, predict_array, predictor, to_input_grid
-from .io import read_image, write_image
-from .preprocess import Plan, preprocess_image
+from MNSegmentLib.data.io import read_image, write_image
+from MNSegmentLib.data.preprocess import Plan, preprocess_image
+from MNSegmentLib.errors import InputError
+from MNSegmentLib.events import Events
+from MNSegmentLib.inference.predict import label_image, predict_array, predictor, to_input_grid
 
 log = logging.getLogger("mnsegment")
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice
 
-from .inference import predict_array, predictor
+from MNSegmentLib.inference.predict import predict_array, predictor
 
 CANDIDATES = ("3d", "2d", "ensemble")
 MODEL_CHOICE = "model.json"

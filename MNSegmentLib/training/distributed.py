@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .errors import InputError
+from MNSegmentLib.errors import InputError
 
 log = logging.getLogger("mnsegment")
 
@@ -262,7 +262,7 @@ def _rank_entry(local_rank: int, argv: list[str], world: int, port: int, launche
     os.environ.update({"RANK": str(local_rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(world),
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                        LAUNCHER_PID_VARIABLE: str(launcher)})
-    from .cli import main
+    from MNSegmentLib.cli import main
 
     sys.exit(main(argv))
 

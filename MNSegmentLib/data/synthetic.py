@@ -8,7 +8,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 
-from .io import write_json_atomic
+from MNSegmentLib.data.io import write_json_atomic
 
 
 def blob_volume(shape: tuple[int, int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

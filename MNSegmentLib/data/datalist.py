@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError
+from MNSegmentLib.errors import InputError
 
 
 @dataclass
@@ -16,7 +16,7 @@ class Case:
 
     @property
     def name(self) -> str:
-        from .io import case_name
+        from MNSegmentLib.data.io import case_name
 
         return case_name(self.image)
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .datalist import Case, Datalist
-from .errors import InputError
-from .io import array_xyz, read_image
+from MNSegmentLib.data.datalist import Case, Datalist
+from MNSegmentLib.data.io import array_xyz, read_image
+from MNSegmentLib.errors import InputError
 
 ORIENTATION = "LPS"
 

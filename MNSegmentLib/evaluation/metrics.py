@@ -15,8 +15,8 @@ from monai.metrics import (
     compute_iou,
 )
 
-from .errors import InputError
-from .io import IMAGE_SUFFIXES, array_xyz, case_name, read_image
+from MNSegmentLib.data.io import IMAGE_SUFFIXES, array_xyz, case_name, read_image
+from MNSegmentLib.errors import InputError
 
 
 def _one_hot(values: np.ndarray, classes: list[int]) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from .io import write_failed
+from MNSegmentLib.data.io import write_failed
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> Path:

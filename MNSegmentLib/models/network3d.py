@@ -9,7 +9,7 @@ import torch
 from monai.networks import nets
 from torch import nn
 
-from .errors import InputError
+from MNSegmentLib.errors import InputError
 
 
 def build_model3d(model3d: dict, num_classes: int) -> nn.Module:

@@ -21,24 +21,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, distributed
-from .datalist import Datalist
-from .device import amp_for, configure_kernels
-from .errors import Cancelled, InputError
-from .events import Events
-from .inference import predict_array, predictor
-from .io import write_failed
-from .losses import confidence_weight, dice_kl_loss, one_hot
-from .lrg import split_batch, unlabeled_share
-from .models2d import build_model2d
-from .models3d import build_model3d
-from .preprocess import Plan, load_cached
-from .preview import Preview
-from .sampling import PatchSampler
-from .scalars import Scalars
-from .schedule import lr_factor, stage_bounds
-from .slicing import apply_2d
-from .teachers import EmaCopy, slice_axes
+from MNSegmentLib.data.datalist import Datalist
+from MNSegmentLib.data.io import write_failed
+from MNSegmentLib.data.preprocess import Plan, load_cached
+from MNSegmentLib.data.sampling import PatchSampler
+from MNSegmentLib.device import amp_for, configure_kernels
+from MNSegmentLib.errors import Cancelled, InputError
+from MNSegmentLib.events import Events
+from MNSegmentLib.inference.predict import predict_array, predictor
+from MNSegmentLib.models.network2d import build_model2d
+from MNSegmentLib.models.network3d import build_model3d
+from MNSegmentLib.models.slicing import apply_2d
+from MNSegmentLib.training import checkpoint, distributed
+from MNSegmentLib.training.losses import confidence_weight, dice_kl_loss, one_hot
+from MNSegmentLib.training.lrg import split_batch, unlabeled_share
+from MNSegmentLib.training.preview import Preview
+from MNSegmentLib.training.scalars import Scalars
+from MNSegmentLib.training.schedule import lr_factor, stage_bounds
+from MNSegmentLib.training.teachers import EmaCopy, slice_axes
 
 log = logging.getLogger("mnsegment")
 

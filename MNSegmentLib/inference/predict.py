@@ -11,9 +11,9 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.transforms import KeepLargestConnectedComponent
 
-from .io import case_name, image_from_xyz, read_image, write_image
-from .preprocess import Plan, preprocess_image
-from .slicing import apply_2d
+from MNSegmentLib.data.io import case_name, image_from_xyz, read_image, write_image
+from MNSegmentLib.data.preprocess import Plan, preprocess_image
+from MNSegmentLib.models.slicing import apply_2d
 
 
 def predictor(network: str, model2d: torch.nn.Module | None, model3d: torch.nn.Module | None, slice_axis: int,

@@ -36,11 +36,11 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .errors import InputError
-from .inference import predict_array, predictor
-from .io import array_xyz, case_name, image_from_xyz, read_image, write_image, write_json_atomic
-from .preprocess import Plan, preprocess_image
-from .selection import dice_per_class
+from MNSegmentLib.data.io import array_xyz, case_name, image_from_xyz, read_image, write_image, write_json_atomic
+from MNSegmentLib.data.preprocess import Plan, preprocess_image
+from MNSegmentLib.errors import InputError
+from MNSegmentLib.evaluation.network_choice import dice_per_class
+from MNSegmentLib.inference.predict import predict_array, predictor
 
 SUGGESTIONS_DIR = "suggestions"
 SUGGESTIONS_FILE = "suggestions.json"

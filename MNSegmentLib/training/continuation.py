@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from . import config as configuration
-from .errors import InputError
-from .models2d import build_model2d
-from .models3d import build_model3d, check_patch_size
-from .preprocess import Plan
-from .trainer import MODEL
+from MNSegmentLib import config as configuration
+from MNSegmentLib.data.preprocess import Plan
+from MNSegmentLib.errors import InputError
+from MNSegmentLib.models.network2d import build_model2d
+from MNSegmentLib.models.network3d import build_model3d, check_patch_size
+from MNSegmentLib.training.trainer import MODEL
 
 # model2d keys that change the 2D network's tensors or its function (not: weights, dropout, chunking)
 ARCHITECTURE_2D = ("name", "adaptation", "lora_rank", "lora_alpha", "decoder_channels", "decoder_norm")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InputError
+from MNSegmentLib.errors import InputError
 
 _NORMS = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
@@ -130,7 +130,7 @@ def build_model2d(model2d: dict, num_classes: int, load_weights: bool = True) ->
                          "see timm.list_models()") from None
     description = "randomly initialised"
     if load_weights:
-        from .pretrained import load_encoder_weights
+        from MNSegmentLib.models.pretrained import load_encoder_weights
 
         description = load_encoder_weights(encoder, name, str(model2d["weights"]))
     encoder = _adapt(encoder, model2d)

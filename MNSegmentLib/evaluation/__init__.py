@@ -1,0 +1,1 @@
+"""Evaluation: metrics and choosing the delivered network on validation cases."""

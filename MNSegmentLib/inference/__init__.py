@@ -1,0 +1,1 @@
+"""Inference: predicting new scans and ranking unlabeled ones."""
