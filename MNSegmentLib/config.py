@@ -82,7 +82,7 @@ _BASE: dict[str, Any] = {
     "teacher": {  # how the frozen network of stage 2 makes the student's targets on unlabeled patches
         "temperature": 1.0,  # softmax(logits / T): 1 = the reference's soft targets, < 1 sharper, 0 = hard labels
         "input": "augmented",  # augmented: the student's own patch (reference); clean: before intensity aug
-        # The candidates below are off (the reference's teacher) until measured (docs/BENCHMARKS.md, section 8).
+        # The candidates below are off (the reference's teacher) until measured (docs/BENCHMARKS.md, section 12).
         "ema": 0.0,  # > 0: the teacher is an EMA copy of the other network with this decay (e.g. 0.99)
         "triplanar": False,  # the 2D network trains on and, as teacher, averages slices of every near-isotropic axis
         "weighting": "none",  # none | confidence: weight unlabeled voxels by the teacher's top probability

@@ -27,7 +27,7 @@ _MARKER = ".mnsegment-demo"
 
 #: ``quick`` steps of each training: sized so that the whole demo takes at most 5 minutes on 2 CPU cores. The
 #: M&N arm, the longer one, costs about 40 CPU s plus 1.5 CPU s per step on a 2-vCPU Xeon (docs/BENCHMARKS.md
-#: section 8), so 150 steps are about 270 CPU s, with about 45 s of start-up and data before it.
+#: section 12a), so 150 steps are about 270 CPU s, with about 45 s of start-up and data before it.
 DEMO_STEPS = 150
 #: Mean-Dice difference below which one training seed on 3 volumes cannot tell the arms apart (seed-to-seed sd
 #: of either arm at 1000 steps: 0.002-0.003, docs/BENCHMARKS.md section 2c).

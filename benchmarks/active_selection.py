@@ -20,7 +20,7 @@ With ``--shared-base`` one base run (``--base-seed``) serves every seed: the see
 (patch sampling, augmentation) and the random draw, not the base model.
 
 Examples (a base run per seed was not timed to the end here: at a load average of 15 on 2 cores its base run
-alone took 32 min; docs/BENCHMARKS.md §8 used the second form, 693 s after the base run)::
+alone took 32 min; docs/BENCHMARKS.md §11 used the second form, 693 s after the base run)::
 
     python benchmarks/active_selection.py --out benchmarks/out/active --seeds 0 1 2 --base-steps 200 \\
         --more-steps 100

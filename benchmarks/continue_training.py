@@ -11,7 +11,7 @@ when no budget does). Jobs run seed by seed, one at a time; each finished job's 
 ``--out/results`` and skipped on a re-run, and ``results.json`` is rewritten after every job, so a run stopped
 early still reports the seeds it finished.
 
-Example (the run in docs/BENCHMARKS.md §7)::
+Example (the run in docs/BENCHMARKS.md §8)::
 
     python benchmarks/continue_training.py --out benchmarks/out/continue --seeds 0 1 2 --source-steps 200 \\
         --scratch-steps 200 --budgets 25 50 100

@@ -14,7 +14,7 @@ also in the unlabeled pool, as in benchmarks/accuracy.py):
 Each job reports two outputs of its run: the 3D network (``3d``) and what the user gets (``delivered``: the
 run's model.json choice; with no validation cases the preset's ``ensemble``).
 
-Example (the run reported in docs/BENCHMARKS.md section 8)::
+Example (the run reported in docs/BENCHMARKS.md section 12b)::
 
     python benchmarks/cotraining_ablation.py --out benchmarks/out/ablation --tasks wm tissue --seeds 0 1 2 \
         --steps 200 --arms mn mn_all

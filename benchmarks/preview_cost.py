@@ -7,7 +7,7 @@ pairs), all with the same seed, one thread, one at a time. Reported per run: tra
 ``start`` event to the end of training, so preprocessing is left out) and the preview's own time (the ``seconds``
 of its events); per pair: the ratio B / A, and the preview's share of B's training time.
 
-Example (the run in docs/BENCHMARKS.md §8)::
+Example (the run in docs/BENCHMARKS.md §9)::
 
     python benchmarks/preview_cost.py --out benchmarks/out/preview --steps 100 --checkpoint-every 25 --repeats 3
 """

@@ -3,7 +3,7 @@ own grid, so a viewer (the Slicer module) can show the structure appear while tr
 
 Kept cheap: the volume is read and preprocessed once, when training starts; each checkpoint then costs one
 sliding-window pass of the network ``inference.network`` names (no test-time augmentation), a resampling to the
-input grid and one atomic file write (docs/BENCHMARKS.md §8 measures it against the training time).
+input grid and one atomic file write (docs/BENCHMARKS.md §9 measures it against the training time).
 """
 
 from __future__ import annotations
