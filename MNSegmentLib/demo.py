@@ -67,8 +67,9 @@ def run_arm(name: str, datalist: Path, tests: list[dict], output: Path, device: 
             stop: threading.Event | None = None) -> dict:
     """Trains one arm, predicts the held-out images and scores them: {dice per case, mean dice, seconds}."""
     started, cpu = time.monotonic(), time.process_time()
-    run_dir = train(datalist, output / "runs" / name, "quick", device, {**ARMS[name][1], "train.steps": steps},
-                    stop=stop)
+    # no ranking of what to label next (train.suggest): the demo compares Dice, and its 5 minutes are for that
+    overrides = {**ARMS[name][1], "train.steps": steps, "train.suggest": False}
+    run_dir = train(datalist, output / "runs" / name, "quick", device, overrides, stop=stop)
     seconds = time.monotonic() - started
     predictions = output / "predictions" / name
     references = Path(tests[0]["label"]).parent
