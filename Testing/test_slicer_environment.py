@@ -21,7 +21,7 @@ from MNSegmentSlicerLib import job as jobs
 from MNSegmentSlicerLib.logic import MNSegmentLogic
 
 #: Engine modules allowed to fail there, with the optional package they need (pyproject's extras).
-OPTIONAL_MODULES = {"plots": "matplotlib", "realdata": "nilearn"}
+OPTIONAL_MODULES = {"MNSegmentLib.plots": "matplotlib", "MNSegmentLib.data.realdata": "nilearn"}
 
 
 @pytest.fixture(scope="module")
