@@ -92,6 +92,15 @@ def task_dir(out: Path, labeled: int, args: argparse.Namespace) -> Path:
     return out / "tasks" / f"{args.structure}_{res}mm_L{labeled}_pool{args.pool}_test{args.n_test}_seed{args.task_seed}"
 
 
+def add_task_arguments(p: argparse.ArgumentParser) -> None:
+    """The task's options (:func:`make_task`), shared by every benchmark built on it."""
+    p.add_argument("--resolution", type=float, default=3.0, help="voxel size of the task in mm")
+    p.add_argument("--structure", default="wm", choices=["brain", "gm", "wm"])
+    p.add_argument("--pool", type=int, default=8, help="training subjects (labeled + unlabeled, test excluded)")
+    p.add_argument("--n-test", type=int, default=4)
+    p.add_argument("--task-seed", type=int, default=0, help="seed of the generated subjects")
+
+
 def make_task(out: Path, labeled: int, args: argparse.Namespace) -> Path:
     from MNSegmentLib.data.realdata import make_t1_task
 
@@ -273,11 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="seeds of the label sweep (default: --seeds)")
     p.add_argument("--sweep-arms", nargs="*", default=["mn_lr", "sup3d"], choices=sorted(TRAINED_ARMS))
     p.add_argument("--jobs", type=int, default=2, help="parallel processes, one thread each")
-    p.add_argument("--resolution", type=float, default=3.0, help="voxel size of the task in mm")
-    p.add_argument("--structure", default="wm", choices=["brain", "gm", "wm"])
-    p.add_argument("--pool", type=int, default=8, help="training subjects (labeled + unlabeled, test excluded)")
-    p.add_argument("--n-test", type=int, default=4)
-    p.add_argument("--task-seed", type=int, default=0, help="seed of the generated subjects")
+    add_task_arguments(p)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra config overrides for every arm (changes the meaning of the results: use a "
                         "separate --out)")

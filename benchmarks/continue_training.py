@@ -28,7 +28,7 @@ import json  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from accuracy import _init_worker, make_task, mean_sd  # noqa: E402  (benchmarks/ is on sys.path)
+from accuracy import _init_worker, add_task_arguments, make_task, mean_sd  # noqa: E402  (benchmarks/ is on sys.path)
 from machine_info import machine  # noqa: E402
 
 
@@ -86,12 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source-steps", type=int, default=200)
     p.add_argument("--scratch-steps", type=int, default=200)
     p.add_argument("--budgets", type=int, nargs="+", default=[25, 50, 100], help="steps of the init runs")
-    # the task, as in accuracy.py
-    p.add_argument("--resolution", type=float, default=3.0)
-    p.add_argument("--structure", default="wm", choices=["brain", "gm", "wm"])
-    p.add_argument("--pool", type=int, default=8)
-    p.add_argument("--n-test", type=int, default=4)
-    p.add_argument("--task-seed", type=int, default=0)
+    add_task_arguments(p)
     args = p.parse_args(argv)
     _init_worker()
     before, after = make_task(args.out, args.from_labeled, args), make_task(args.out, args.to_labeled, args)

@@ -25,7 +25,7 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from accuracy import _init_worker, make_task  # noqa: E402  (benchmarks/ is on sys.path)
+from accuracy import _init_worker, add_task_arguments, make_task  # noqa: E402  (benchmarks/ is on sys.path)
 from machine_info import machine  # noqa: E402
 
 
@@ -60,12 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint-every", type=int, default=25)
     p.add_argument("--repeats", type=int, default=3, help="pairs of runs (without, with preview)")
     p.add_argument("--labeled", type=int, default=2)
-    # the task, as in accuracy.py
-    p.add_argument("--resolution", type=float, default=3.0)
-    p.add_argument("--structure", default="wm", choices=["brain", "gm", "wm"])
-    p.add_argument("--pool", type=int, default=8)
-    p.add_argument("--n-test", type=int, default=4)
-    p.add_argument("--task-seed", type=int, default=0)
+    add_task_arguments(p)
     args = p.parse_args(argv)
     _init_worker()
     datalist = make_task(args.out, args.labeled, args)
