@@ -11,8 +11,13 @@ also in the unlabeled pool, as in benchmarks/accuracy.py):
     wm      white matter (one class)
     tissue  grey and white matter (two classes; Dice and HD95 averaged over both)
 
-Each job reports two outputs of its run: the 3D network (``3d``) and what the user gets (``delivered``: the
-run's model.json choice; with no validation cases the preset's ``ensemble``).
+Each job reports three outputs of its run: the 3D network (``3d``), what the user gets (``delivered``: the
+run's model.json choice; with no validation cases the preset's ``ensemble``) and the 2D network (``2d``; of the
+``sup3d`` run it is "pretrained 2D alone").
+
+Issue 11 part 5's arms: ``mn`` against ``sup3d`` (labeled-only, same steps), ``sup3d_more`` (labeled-only with as
+many patches as M&N) and ``mn_replace`` (the reference's batch composition), at ``--labeled`` 1, 2 and 4 (one
+``--out`` per label count).
 
 Example (the run reported in docs/BENCHMARKS.md section 12b)::
 
@@ -45,9 +50,13 @@ ARMS: dict[str, dict] = {
     "mn_tri": {"teacher.triplanar": True},
     "mn_conf": {"teacher.weighting": "confidence"},
     "mn_all": {"teacher.ema": 0.99, "teacher.triplanar": True, "teacher.weighting": "confidence"},
-    "sup3d": {"lrg.mode": "off"},
+    "sup3d": {"lrg.mode": "off"},  # labeled-only, same steps; its 2D output is "pretrained 2D alone"
+    # labeled-only with about as many patches per step as M&N (4 labeled + up to 3 unlabeled under `add`)
+    "sup3d_more": {"lrg.mode": "off", "sampling.batch_size": 6},
+    "mn_replace": {"lrg.unlabeled": "replace"},  # the reference's (`paper`) batch composition at `quick` size
 }
-OUTPUTS = {"3d": "3d", "delivered": None}  # reported output -> predict(network=...)
+# reported output -> predict(network=...); delivered = the run's model.json choice
+OUTPUTS = {"3d": "3d", "delivered": None, "2d": "2d"}
 
 
 def task_datalist(out: Path, task: str, labeled: int) -> Path:
@@ -117,7 +126,8 @@ def report(out: Path, tasks: list[str], arms: list[str]) -> tuple[dict, str]:
                 found = {}
                 for path in sorted((out / "results").glob(f"{task}_{arm}_seed*.json")):
                     r = json.loads(path.read_text())
-                    found[r["seed"]] = r["outputs"][output]
+                    if output in r["outputs"]:  # results made before the 2d output existed lack it
+                        found[r["seed"]] = r["outputs"][output]
                 if not found:
                     continue
                 if arm == "mn":
