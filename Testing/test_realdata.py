@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage as ndi
 
 from MNSegmentLib.data import realdata
 
@@ -171,6 +172,22 @@ def test_tissue_structures(tmp_path: Path, structure: str, lo: float, hi: float)
     assert json.loads(dl.read_text())["classes"] == {"1": realdata.STRUCTURES[structure]}
     y = _read(dl.parent / "labelsTr/s000.nii.gz")[1]
     assert lo < y.mean() < hi, y.mean()
+
+
+@needs_nilearn
+def test_ventricles_task_is_two_small_dark_deep_regions(tmp_path: Path):
+    dl = realdata.make_t1_task(tmp_path / "v", n_labeled=1, n_unlabeled=0, n_test=0, structure="ventricles",
+                               resolution_mm=RES)
+    assert json.loads(dl.read_text())["classes"] == {"1": "lateral_ventricles"}
+    img, x = _read(dl.parent / "imagesTr/s000.nii.gz")
+    y = _read(dl.parent / "labelsTr/s000.nii.gz")[1]
+    assert 0.001 < y.mean() < 0.01, y.mean()  # ~11 ml in a ~1.7 l field of view
+    components, n = ndi.label(y)
+    sizes = sorted(ndi.sum_labels(y, components, range(1, n + 1)), reverse=True)
+    assert len(sizes) >= 2 and sizes[1] > 0.5 * sizes[0], sizes  # left and right, the template is symmetric
+    brain = _template_on(img) > 0.2
+    assert (brain[y == 1]).mean() > 0.95  # inside the brain...
+    assert x[y == 1].mean() < 0.8 * x[brain & (y == 0)].mean()  # ...and darker than it (CSF on T1)
 
 
 @needs_nilearn

@@ -6,10 +6,11 @@ the difference per seed is a paired one. Each (task, arm, seed) job is one proce
 are kept under ``--out`` and skipped on a re-run. Jobs run seed by seed, so a run cut short leaves complete
 pairs. ``results.json`` and a markdown table of per-seed Dice/HD95 and paired differences are written at the end.
 
-Tasks (``MNSegmentLib.data.realdata.make_t1_task``, 3 mm, 2 labeled + 6 unlabeled training subjects, 4 test subjects
-also in the unlabeled pool, as in benchmarks/accuracy.py):
-    wm      white matter (one class)
-    tissue  grey and white matter (two classes; Dice and HD95 averaged over both)
+Tasks (``MNSegmentLib.data.realdata.make_t1_task``, ``--labeled`` labeled + 8 − L unlabeled training subjects, 4 test
+subjects also in the unlabeled pool, as in benchmarks/accuracy.py):
+    wm          white matter (one class), 3 mm
+    tissue      grey and white matter (two classes; Dice and HD95 averaged over both), 3 mm
+    ventricles  the lateral ventricles (one small, deep class, ~0.5 % of the volume), 2 mm
 
 Each job reports three outputs of its run: the 3D network (``3d``), what the user gets (``delivered``: the
 run's model.json choice; with no validation cases the preset's ``ensemble``) and the 2D network (``2d``; of the
@@ -59,11 +60,16 @@ ARMS: dict[str, dict] = {
 OUTPUTS = {"3d": "3d", "delivered": None, "2d": "2d"}
 
 
+# 3 mm unless a structure is too thin for it (the lateral ventricles are 2-3 voxels wide at 3 mm)
+RESOLUTION_MM = {"ventricles": 2.0}
+
+
 def task_datalist(out: Path, task: str, labeled: int) -> Path:
     from MNSegmentLib.data.realdata import make_t1_task
 
-    return make_t1_task(out / "tasks" / f"{task}_3mm_L{labeled}", n_labeled=labeled, n_unlabeled=8 - labeled,
-                        n_test=4, structure=task, seed=0, resolution_mm=3.0, test_in_unlabeled=True)
+    mm = RESOLUTION_MM.get(task, 3.0)
+    return make_t1_task(out / "tasks" / f"{task}_{mm:g}mm_L{labeled}", n_labeled=labeled, n_unlabeled=8 - labeled,
+                        n_test=4, structure=task, seed=0, resolution_mm=mm, test_in_unlabeled=True)
 
 
 def result_path(out: Path, task: str, arm: str, seed: int) -> Path:
@@ -148,7 +154,8 @@ def report(out: Path, tasks: list[str], arms: list[str]) -> tuple[dict, str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/out/ablation")
-    p.add_argument("--tasks", nargs="+", default=["wm", "tissue"], choices=["wm", "tissue", "gm", "brain"])
+    p.add_argument("--tasks", nargs="+", default=["wm", "tissue"],
+                   choices=["wm", "tissue", "ventricles", "gm", "brain"])
     p.add_argument("--arms", nargs="+", default=["mn", "mn_ema", "mn_tri", "mn_conf"], choices=list(ARMS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=300)
