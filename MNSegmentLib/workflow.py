@@ -318,6 +318,12 @@ def predict(model_dir: str | Path, images: list[str | Path], output_dir: str | P
     events = events or Events(False)
     paths = [Path(p).absolute() for p in images]
     check_images(paths)
+    if overlay:  # before any work: a missing optional package is the user's to fix, not a crash after predicting
+        try:
+            import MNSegmentLib.plots  # noqa: F401
+        except ImportError:
+            raise InputError('--overlay draws its pictures with matplotlib, which is not installed: '
+                             'pip install "mnsegment[plots]", or predict without --overlay') from None
     ranks = distributed.current()
     torch_device = ranks.place(resolve_device(device))
     config, plan, model2d, model3d = load_models(Path(model_dir), torch_device)

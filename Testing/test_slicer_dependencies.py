@@ -57,3 +57,23 @@ def test_missing_plotting_costs_the_picture_not_the_model(tmp_path, monkeypatch)
     events = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [e["event"] for e in events] == ["warning"]
     assert "matplotlib" in events[0]["message"]
+
+
+def test_overlay_without_plotting_is_one_clear_error_before_any_work(tmp_path):
+    """A real CLI process in which matplotlib cannot be imported (as in a stock Slicer): exit 2, one message
+    naming what to install, no output folder made."""
+    import subprocess
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    image = tmp_path / "scan.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5, 6), np.float32)), str(image))
+    out = tmp_path / "out"
+    code = ("import sys; sys.modules['matplotlib'] = None; from MNSegmentLib.cli import main; "
+            f"sys.exit(main(['predict', '--model', {str(tmp_path / 'no_run')!r}, {str(image)!r}, "
+            f"'--output', {str(out)!r}, '--overlay']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert 'pip install "mnsegment[plots]"' in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists()
