@@ -5,6 +5,7 @@ feature (the reference teacher: the raw other network, one slice axis, unweighte
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -54,11 +55,13 @@ def _perturb(model: torch.nn.Module) -> None:
 def test_candidates_are_off_by_default_and_in_the_paper_preset():
     for name in ("paper", "quick", "default"):
         assert preset(name)["teacher"] == {"temperature": 1.0, "input": "augmented", "ema": 0.0,
-                                           "triplanar": False, "weighting": "none", "student_view": "same"}, name
+                                           "triplanar": False, "weighting": "none", "student_view": "same",
+                                           "directions": "both"}, name
 
 
 @pytest.mark.parametrize("key, value", [("teacher.ema", 1.0), ("teacher.ema", -0.1), ("teacher.triplanar", 1),
-                                        ("teacher.weighting", "entropy"), ("teacher.student_view", "weak")])
+                                        ("teacher.weighting", "entropy"), ("teacher.student_view", "weak"),
+                                        ("teacher.directions", "3d_to_2d")])
 def test_bad_teacher_settings_are_refused(key, value):
     with pytest.raises(InputError, match=key):
         apply_overrides(preset("quick"), {key: value})
@@ -207,3 +210,31 @@ def test_strong_student_view_perturbs_only_the_students_patch(tmp_path_factory, 
     assert torch.equal(strong.x_clean, teacher_view)  # the teacher's view is unchanged ...
     assert not torch.allclose(strong.x_u, usual.x_u, atol=1e-3)  # ... the student's is perturbed further
     assert float((strong.x_u - usual.x_u).std()) > 0.05
+
+
+# -- one direction: the 2D network learns from labels only ---------------------------------------------------
+def test_one_way_keeps_the_2d_network_on_labels_and_the_3d_student_unchanged(tmp_path_factory):
+    """teacher.directions=2d_to_3d: at a 2D-student step the 2D gradient is that of the labeled patches alone
+    (the unlabeled ones in the same batch change nothing); at a 3D-student step nothing differs from the
+    reference. Without the setting the unlabeled patches do move the 2D network."""
+    run_dir = trained_run(tmp_path_factory).run_dir
+
+    def grads(network: str, step: int, directions: str, labels_only: bool = False) -> list[torch.Tensor]:
+        trainer = _trainer(run_dir, directions=directions)  # every trainer starts from the same checkpoint
+        trainer.config["lrg"]["unlabeled"] = "add"  # labeled and unlabeled patches in one batch
+        batch = trainer.draw_batch(step, trainer.masks_version)
+        assert len(batch.x_l) and len(batch.x_u)
+        if labels_only:
+            batch = dataclasses.replace(batch, x_u=batch.x_u[:0], x_clean=None, n_unlabeled=0)
+        trainer.step = step
+        trainer.train_step(batch)
+        model = trainer.model2d if network == "2d" else trainer.model3d
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+        return len(a) == len(b) and all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a, b))
+
+    labels = grads("2d", 2, "both", labels_only=True)  # step 2: the 2D network is the student
+    assert same(grads("2d", 2, "2d_to_3d"), labels)
+    assert not same(grads("2d", 2, "both"), labels)
+    assert same(grads("3d", 3, "2d_to_3d"), grads("3d", 3, "both"))  # step 3: the 3D student, as before

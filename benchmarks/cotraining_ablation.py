@@ -55,6 +55,7 @@ ARMS: dict[str, dict] = {
     # labeled-only with about as many patches per step as M&N (4 labeled + up to 3 unlabeled under `add`)
     "sup3d_more": {"lrg.mode": "off", "sampling.batch_size": 6},
     "mn_replace": {"lrg.unlabeled": "replace"},  # the reference's (`paper`) batch composition at `quick` size
+    "mn_oneway": {"teacher.directions": "2d_to_3d"},  # the 2D network learns from labels only
 }
 # reported output -> predict(network=...); delivered = the run's model.json choice
 OUTPUTS = {"3d": "3d", "delivered": None, "2d": "2d"}

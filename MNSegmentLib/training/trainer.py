@@ -4,7 +4,8 @@ Stage 1 trains both networks on labeled patches. Stage 2 alternates students eve
 the other network, frozen and in eval mode, predicts the unlabeled patches (by default the same augmented ones;
 ``teacher.input=clean``: before augmentation) and its softmax (``teacher.temperature``) is the student's target;
 labeled and unlabeled patches share one batch and one loss. How many patches of the
-batch are unlabeled follows the learning rate (:mod:`lrg`).
+batch are unlabeled follows the learning rate (:mod:`lrg`). With ``teacher.directions=2d_to_3d`` only the 3D
+student learns from unlabeled patches; the 2D network's stage-2 steps use the labeled ones alone.
 """
 
 from __future__ import annotations
@@ -469,7 +470,9 @@ class Trainer:
         x_teacher = to_device(batch.x_clean) if batch.x_clean is not None else x_u  # one copy
         train_2d, train_3d = self._students(step)
         losses = {}
-        if train_2d:
+        if train_2d and self.config["teacher"]["directions"] == "2d_to_3d":  # labels only: the mean over them
+            losses["loss_2d"] = self._train_student("2d", x_l, y_l, x_u[:0], x_teacher[:0], batch.n_labeled)
+        elif train_2d:
             losses["loss_2d"] = self._train_student("2d", x_l, y_l, x_u, x_teacher, batch.patches)
         if train_3d:
             losses["loss_3d"] = self._train_student("3d", x_l, y_l, x_u, x_teacher, batch.patches)
