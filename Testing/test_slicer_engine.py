@@ -81,8 +81,9 @@ def test_cancel_real_engine_leaves_no_process_then_resume(tmp_path):
     stop file alone (no signal is sent). The worker saves a checkpoint; Resume continues from it."""
     scene, labeled, unlabeled, _ = _tiny_scene(2, 1)
     logic = MNSegmentLogic(scene)
+    # enough steps that the stop lands in training even when a loaded machine delays the first progress event
     job = logic.train(labeled, unlabeled, output_dir=tmp_path, preset="quick", device="cpu",
-                      **{**TINY, "train.steps": 40})
+                      **{**TINY, "train.steps": 80})
     job.signal_stop = False
     deadline = time.monotonic() + 240
     while job.poll() == jobs.RUNNING and not job.last_progress and time.monotonic() < deadline:
