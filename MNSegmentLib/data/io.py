@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -87,41 +89,41 @@ def image_from_xyz(array: np.ndarray, like: sitk.Image | None = None) -> sitk.Im
     return image
 
 
-def _temp_beside(path: Path) -> Path:
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path``: renamed to ``path`` if the block succeeds, removed in any case, so
+    ``path`` is either absent (or its old self) or complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + "".join(path.suffixes), dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + "".join(path.suffixes), dir=path.parent)
     os.close(fd)
-    return Path(tmp)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> Path:
     """Writes so that ``path`` is either absent or complete: temp file in the same folder, read back, then
     renamed. (SimpleITK's NIfTI writer does not report a full disk: it leaves a truncated file and returns.)"""
     path = Path(path)
-    tmp = _temp_beside(path)
-    try:
+    with _replacing(path) as tmp:
         try:
             sitk.WriteImage(image, str(tmp), compress)
             sitk.ReadImage(str(tmp))
         except RuntimeError as err:
             raise write_failed(path, err) from None
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
 def write_json_atomic(path: str | Path, data: Any) -> Path:
     path = Path(path)
-    tmp = _temp_beside(path)
-    try:
+    with _replacing(path) as tmp:
         try:
             tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         except OSError as err:
             raise write_failed(path, err) from None
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
