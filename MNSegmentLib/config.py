@@ -88,7 +88,8 @@ _BASE: dict[str, Any] = {
         "weighting": "none",  # none | confidence: weight unlabeled voxels by the teacher's top probability
         "student_view": "same",  # same | strong: the student's unlabeled patches get an extra, stronger augmentation
         # both: each network teaches the other (reference); 2d_to_3d: the 2D network keeps learning from labels
-        # only, so a weaker from-scratch 3D network cannot pull it down (docs/BENCHMARKS.md section 13)
+        # only, so a weaker from-scratch 3D network cannot pull it down (docs/BENCHMARKS.md section 13); auto: a
+        # student learns from the other network only while that one fits the labeled patches at least as well
         "directions": "both",
     },
     "inference": {
@@ -234,7 +235,7 @@ def validate(config: dict[str, Any]) -> None:
     _check(isinstance(teacher["triplanar"], bool), "teacher.triplanar", "true or false")
     _check(teacher["weighting"] in ("none", "confidence"), "teacher.weighting", "none or confidence")
     _check(teacher["student_view"] in ("same", "strong"), "teacher.student_view", "same or strong")
-    _check(teacher["directions"] in ("both", "2d_to_3d"), "teacher.directions", "both or 2d_to_3d")
+    _check(teacher["directions"] in ("both", "2d_to_3d", "auto"), "teacher.directions", "both, 2d_to_3d or auto")
     _check(m2["adaptation"] in ("lora", "frozen", "full"), "model2d.adaptation", "one of lora, frozen, full")
     _check(m2["decoder_norm"] in ("group", "batch"), "model2d.decoder_norm", "group or batch")
     _check(config["data"]["normalization"] in ("auto", "ct", "mr", "none"), "data.normalization",

@@ -32,7 +32,8 @@ def test_training_writes_tensorboard_scalars(tmp_path_factory):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     # val/dice needs validation cases, which this run has none of
-    assert {TAGS[k] for k in ("loss_2d", "loss_3d", "lr_2d", "lr_3d", "unlabeled_share")} | {STEP_TIME_TAG} <= tags
+    assert {TAGS[k] for k in ("loss_2d", "loss_3d", "lr_2d", "lr_3d", "unlabeled_share", "train_dice_2d",
+                              "train_dice_3d")} | {STEP_TIME_TAG} <= tags
     assert [e.step for e in events.Scalars(TAGS["lr_2d"])] == list(range(TRAINED_STEPS))
     history = {r["step"]: r for r in run.events if r["event"] == "progress"}
     for scalar in events.Scalars(TAGS["unlabeled_share"]):  # the same values the progress events carry

@@ -21,7 +21,7 @@ from MNSegmentLib.errors import InputError
 from MNSegmentLib.events import Events
 from MNSegmentLib.models import slicing
 from MNSegmentLib.training.losses import confidence_weight, dice_kl_loss
-from MNSegmentLib.training.teachers import EmaCopy, slice_axes
+from MNSegmentLib.training.teachers import EmaCopy, LabeledFit, slice_axes, soft_dice_sums
 from MNSegmentLib.training.trainer import Trainer
 
 
@@ -61,7 +61,7 @@ def test_candidates_are_off_by_default_and_in_the_paper_preset():
 
 @pytest.mark.parametrize("key, value", [("teacher.ema", 1.0), ("teacher.ema", -0.1), ("teacher.triplanar", 1),
                                         ("teacher.weighting", "entropy"), ("teacher.student_view", "weak"),
-                                        ("teacher.directions", "3d_to_2d")])
+                                        ("teacher.directions", "3d_to_2d"), ("teacher.directions", "Auto")])
 def test_bad_teacher_settings_are_refused(key, value):
     with pytest.raises(InputError, match=key):
         apply_overrides(preset("quick"), {key: value})
@@ -238,3 +238,89 @@ def test_one_way_keeps_the_2d_network_on_labels_and_the_3d_student_unchanged(tmp
     assert same(grads("2d", 2, "2d_to_3d"), labels)
     assert not same(grads("2d", 2, "both"), labels)
     assert same(grads("3d", 3, "2d_to_3d"), grads("3d", 3, "both"))  # step 3: the 3D student, as before
+
+
+# -- auto: a network teaches only while it fits the labeled patches at least as well as its student ----------
+def test_soft_dice_sums_add_up_over_micro_batches_and_reach_one_when_perfect():
+    target = torch.nn.functional.one_hot(torch.randint(0, 3, (4, 6, 5, 4), generator=torch.Generator().manual_seed(1)),
+                                         3).movedim(-1, 1).float()
+    overlap, size = soft_dice_sums(40 * target - 20, target).tolist()  # confident and right: Dice 1
+    assert abs(overlap / size - 1) < 1e-6
+    logits = torch.randn(4, 3, 6, 5, 4)
+    whole = soft_dice_sums(logits, target)
+    assert torch.allclose(soft_dice_sums(logits[:1], target[:1]) + soft_dice_sums(logits[1:], target[1:]), whole)
+    assert 0 < float(whole[0] / whole[1]) < 0.6  # random logits: a poor fit
+    assert float(soft_dice_sums(-logits.abs() * 0 - 20 * target, target)[0]) < 1e-3  # wrong everywhere: no overlap
+
+
+def test_labeled_fit_is_a_running_mean_and_decides_the_directions():
+    fit = LabeledFit()
+    assert fit.learns_from_teacher("auto", "2d") and fit.learns_from_teacher("auto", "3d")  # no evidence yet
+    fit.update("3d", 0.0, 0.0)  # no labeled patch: nothing learnt
+    assert fit.dice["3d"] is None
+    fit.update("2d", 8.0, 10.0)
+    fit.update("3d", 4.0, 10.0)
+    assert fit.dice == {"2d": 0.8, "3d": 0.4}
+    assert fit.learns_from_teacher("auto", "3d") and not fit.learns_from_teacher("auto", "2d")
+    fit.update("3d", 10.0, 10.0)
+    assert abs(fit.dice["3d"] - (0.9 * 0.4 + 0.1 * 1.0)) < 1e-9
+    for _ in range(30):  # the 3D network keeps fitting better: it becomes the teacher
+        fit.update("3d", 10.0, 10.0)
+    assert fit.learns_from_teacher("auto", "2d") and not fit.learns_from_teacher("auto", "3d")
+    assert fit.learns_from_teacher("both", "2d") and fit.learns_from_teacher("both", "3d")
+    assert not fit.learns_from_teacher("2d_to_3d", "2d") and fit.learns_from_teacher("2d_to_3d", "3d")
+
+
+def test_auto_directions_follow_the_labeled_fit_on_real_steps(tmp_path_factory, tmp_path):
+    """teacher.directions=auto on real steps: a student whose teacher fits the labeled patches worse gets the
+    labels-only gradient; one whose teacher fits them better gets the reference gradient. Each step measures the
+    student's soft Dice on its labeled patches (the value a separate forward pass gives), and the running values
+    are in the history and the checkpoint."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run(tmp_path_factory).run_dir, run_dir)
+
+    def grads(network: str, step: int, directions: str, fit: dict | None = None,
+              labels_only: bool = False) -> tuple[list[torch.Tensor], Trainer, dict]:
+        trainer = _trainer(run_dir, directions=directions)
+        trainer.config["lrg"]["unlabeled"] = "add"  # labeled and unlabeled patches in one batch
+        if fit:
+            trainer.fit = LabeledFit(fit)
+        batch = trainer.draw_batch(step, trainer.masks_version)
+        if labels_only:
+            batch = dataclasses.replace(batch, x_u=batch.x_u[:0], x_clean=None, n_unlabeled=0)
+        trainer.step = step
+        record = trainer.train_step(batch)
+        model = trainer.model2d if network == "2d" else trainer.model3d
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None], trainer, record
+
+    def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+        return len(a) == len(b) and all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a, b))
+
+    weak_3d, weak_2d = {"2d": 0.8, "3d": 0.3}, {"2d": 0.3, "3d": 0.8}
+    labels_2d, both_2d = grads("2d", 2, "both", labels_only=True)[0], grads("2d", 2, "both")[0]
+    assert not same(labels_2d, both_2d)
+    assert same(grads("2d", 2, "auto", weak_3d)[0], labels_2d)  # step 2: the 2D student, a weaker 3D teacher
+    assert same(grads("2d", 2, "auto", weak_2d)[0], both_2d)
+    labels_3d, both_3d = grads("3d", 3, "both", labels_only=True)[0], grads("3d", 3, "both")[0]
+    assert not same(labels_3d, both_3d)
+    assert same(grads("3d", 3, "auto", weak_2d)[0], labels_3d)  # step 3: the 3D student, a weaker 2D teacher
+    assert same(grads("3d", 3, "auto", weak_3d)[0], both_3d)
+
+    # the measured fit: with no running values yet, a 3D step records the 3D network's soft Dice on the batch's
+    # labeled patches, as a separate forward pass with the step's random state finds it
+    trainer = _trainer(run_dir, directions="auto")
+    assert None not in trainer.fit.dice.values()  # the tiny run's checkpoint holds both running values
+    trainer.config["lrg"]["unlabeled"] = "add"
+    trainer.fit = LabeledFit()
+    trainer.step = 3
+    batch = trainer.draw_batch(3, trainer.masks_version)
+    before = copy.deepcopy(trainer.model3d)
+    torch.manual_seed(batch.torch_seed)
+    with torch.no_grad():
+        overlap, size = soft_dice_sums(before(batch.x_l), torch.nn.functional.one_hot(
+            batch.y_l[:, 0].long(), trainer.num_classes).movedim(-1, 1).float()).tolist()
+    record = trainer.train_step(batch)
+    assert record["train_dice_2d"] is None and abs(record["train_dice_3d"] - overlap / size) < 1e-4
+    assert 0 < record["train_dice_3d"] < 1
+    trainer.save_checkpoint()
+    assert _trainer(run_dir, directions="auto").fit.dice == trainer.fit.dice

@@ -130,8 +130,8 @@ class Ranks:
     # -- gradients ----------------------------------------------------------------------------------------
     def sum_gradients(self, parameters: list[torch.nn.Parameter], loss: torch.Tensor,
                       failed: bool) -> tuple[torch.Tensor, bool]:
-        """Sums the gradients of ``parameters`` and ``loss`` over the ranks and learns whether any rank
-        ``failed`` (ran out of memory), all in one all-reduce.
+        """Sums the gradients of ``parameters`` and ``loss`` (a tensor of step statistics) over the ranks and
+        learns whether any rank ``failed`` (ran out of memory), all in one all-reduce.
 
         Written out instead of letting DistributedDataParallel reduce inside backward: a rank that runs out of
         memory mid-backward would leave the others waiting in DDP's reduction, so no collective decision to retry
@@ -143,14 +143,14 @@ class Ranks:
         device = loss.device
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
         flat = torch.cat([g.reshape(-1).float() for g in grads]
-                         + [loss.reshape(1).float(), torch.tensor([float(failed)], device=device)])
+                         + [loss.reshape(-1).float(), torch.tensor([float(failed)], device=device)])
         dist.all_reduce(flat)
         offset = 0
         for p, g in zip(parameters, grads):
             n = g.numel()
             p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
             offset += n
-        return flat[-2], bool(flat[-1].item())
+        return flat[-1 - loss.numel():-1].view_as(loss), bool(flat[-1].item())
 
     def same_parameters(self, *modules: torch.nn.Module) -> None:
         """Every rank starts from rank 0's tensors (parameters and buffers)."""

@@ -14,7 +14,8 @@ log = logging.getLogger("mnsegment")
 FOLDER = "tensorboard"
 # history key -> TensorBoard tag
 TAGS = {"loss_2d": "loss/2d", "loss_3d": "loss/3d", "lr_2d": "lr/2d", "lr_3d": "lr/3d",
-        "unlabeled_share": "lrg/unlabeled_share", "val_dice": "val/dice"}
+        "unlabeled_share": "lrg/unlabeled_share", "val_dice": "val/dice", "train_dice_2d": "train/labeled_dice_2d",
+        "train_dice_3d": "train/labeled_dice_3d"}
 STEP_TIME_TAG = "time/step_s"
 
 

@@ -7,6 +7,11 @@ Two optional strengthenings of the reference's teacher (the raw other network, o
 - ``teacher.triplanar``: the 2D network is trained on slices along every axis whose in-plane spacing is close to
   isotropic (one axis per step, in turn) and, as a teacher, averages its probabilities over those axes: an
   ensemble of three views of the same patch instead of one.
+
+and which way pseudo-labels flow (``teacher.directions``): both ways (the reference), from the 2D network to the 3D
+one only, or ``auto``: a student learns from the other network only while that network fits the labeled patches
+at least as well as the student does (:class:`LabeledFit`), so a network that has not learnt the structure yet
+never teaches.
 """
 
 from __future__ import annotations
@@ -32,6 +37,39 @@ def slice_axes(spacing: Sequence[float], slice_axis: int, triplanar: bool) -> tu
             if axis != slice_axis and max(inplane) / min(inplane) <= MAX_INPLANE_ANISOTROPY:
                 axes.append(axis)
     return tuple(axes)
+
+
+def soft_dice_sums(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(2,) tensor: the soft overlap 2·Σ p·y and the size Σ (p + y) over the foreground classes of a batch
+    (``logits`` and one-hot ``target`` (N, K, ...)); sums, so micro-batches and ranks add up to the batch's."""
+    probabilities = torch.softmax(logits.detach().float(), 1)[:, 1:]
+    target = target[:, 1:]
+    return torch.stack([2 * (probabilities * target).sum(), (probabilities + target).sum()])
+
+
+class LabeledFit:
+    """Each network's running soft Dice on the labeled patches it trains on (an exponential moving average over
+    its student steps; ``None`` before its first). Updated from values the step synchronises anyway."""
+
+    DECAY = 0.9  # about the last ten student steps: steady against one odd batch, recent enough to follow training
+
+    def __init__(self, dice: dict[str, float | None] | None = None):
+        self.dice = dict(dice or {"2d": None, "3d": None})
+
+    def update(self, network: str, overlap: float, size: float) -> None:
+        if size <= 0:  # no labeled patch in this step (lrg.unlabeled=replace with an all-unlabeled batch)
+            return
+        value, old = overlap / size, self.dice[network]
+        self.dice[network] = value if old is None else self.DECAY * old + (1 - self.DECAY) * value
+
+    def learns_from_teacher(self, directions: str, student: str) -> bool:
+        """Whether ``student``'s step uses the other network's pseudo-labels (else labeled patches only)."""
+        if directions == "both":
+            return True
+        if directions == "2d_to_3d":
+            return student == "3d"
+        mine, teachers = self.dice[student], self.dice["3d" if student == "2d" else "2d"]
+        return mine is None or teachers is None or teachers >= mine
 
 
 class EmaCopy:

@@ -4,8 +4,8 @@ Stage 1 trains both networks on labeled patches. Stage 2 alternates students eve
 the other network, frozen and in eval mode, predicts the unlabeled patches (by default the same augmented ones;
 ``teacher.input=clean``: before augmentation) and its softmax (``teacher.temperature``) is the student's target;
 labeled and unlabeled patches share one batch and one loss. How many patches of the
-batch are unlabeled follows the learning rate (:mod:`lrg`). With ``teacher.directions=2d_to_3d`` only the 3D
-student learns from unlabeled patches; the 2D network's stage-2 steps use the labeled ones alone.
+batch are unlabeled follows the learning rate (:mod:`lrg`). ``teacher.directions`` decides which student learns
+from unlabeled patches (:class:`teachers.LabeledFit`); a student that does not uses the labeled ones alone.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from MNSegmentLib.training.lrg import split_batch, unlabeled_share
 from MNSegmentLib.training.preview import Preview
 from MNSegmentLib.training.scalars import Scalars
 from MNSegmentLib.training.schedule import lr_factor, stage_bounds
-from MNSegmentLib.training.teachers import EmaCopy, slice_axes
+from MNSegmentLib.training.teachers import EmaCopy, LabeledFit, slice_axes, soft_dice_sums
 
 log = logging.getLogger("mnsegment")
 
@@ -199,6 +199,7 @@ class Trainer:
         self.axes_2d = slice_axes(plan.target_spacing, config["data"]["slice_axis"], teacher["triplanar"])
         self.ema = ({"2d": EmaCopy(self.model2d, teacher["ema"]), "3d": EmaCopy(self.model3d, teacher["ema"])}
                     if teacher["ema"] else {})
+        self.fit = LabeledFit()  # each network's running Dice on its labeled patches (teacher.directions=auto)
         self.step = 0
         self.history: list[dict] = []
         self.masks_version = -1  # which refresh point the pseudo-masks on disk belong to
@@ -225,6 +226,7 @@ class Trainer:
             if saved and scaler.is_enabled():  # empty when saved without loss scaling (CPU, bfloat16)
                 scaler.load_state_dict(saved)
         self.step, self.history = state["step"], state["history"]
+        self.fit = LabeledFit(state.get("labeled_dice"))  # absent from checkpoints made before it existed
         self.masks_version = state["masks_version"]
         for net, ema in self.ema.items():  # a run that turns teacher.ema on when resuming starts the copies now
             ema.load_state_dict(state.get(f"ema{net}") or (self.model2d if net == "2d" else self.model3d).state_dict())
@@ -248,7 +250,8 @@ class Trainer:
             "opt2d": self.opt2d.state_dict(), "opt3d": self.opt3d.state_dict(),
             "scaler2d": self.scalers["2d"].state_dict(), "scaler3d": self.scalers["3d"].state_dict(),
             "history": self.history, "masks_version": self.masks_version, "micro_batch": self.micro_batch,
-            "weights_2d": self.weights_2d, **{f"ema{net}": ema.state_dict() for net, ema in self.ema.items()},
+            "weights_2d": self.weights_2d, "labeled_dice": self.fit.dice,
+            **{f"ema{net}": ema.state_dict() for net, ema in self.ema.items()},
         }, self.run_dir / CHECKPOINT)
         for old in (self.run_dir / "pseudo").glob("v*"):  # only the version the checkpoint names is needed now
             if old.name != f"v{self.masks_version}":
@@ -342,7 +345,8 @@ class Trainer:
 
     def _train_student(self, network: str, x_l: torch.Tensor, y_l: torch.Tensor | None, x_u: torch.Tensor,
                        x_teacher: torch.Tensor, patches: int | None = None) -> torch.Tensor:
-        """One optimiser step of ``network``, returning its loss (on the device); on CUDA out-of-memory, retries
+        """One optimiser step of ``network``, returning (loss, soft-Dice overlap, soft-Dice size) on the labeled
+        patches (:func:`teachers.soft_dice_sums`), on the device; on CUDA out-of-memory, retries
         with half the micro-batch. ``patches``: the step's global batch size (all ranks), default this batch's.
         With several ranks, running out of memory is a collective decision: every rank retries, or none."""
         while True:
@@ -355,7 +359,7 @@ class Trainer:
             torch.cuda.empty_cache()
             if not voted:  # the other ranks wait in _accumulate's all-reduce for this rank's vote
                 optimizer = self.opt2d if network == "2d" else self.opt3d
-                self.ranks.sum_gradients(optimizer.param_groups[0]["params"], torch.zeros((), device=self.device),
+                self.ranks.sum_gradients(optimizer.param_groups[0]["params"], torch.zeros(3, device=self.device),
                                          True)
             if self.micro_batch == 1:
                 raise InputError("out of GPU memory even with one patch at a time; reduce "
@@ -390,7 +394,8 @@ class Trainer:
         network normalises with batch statistics (the 2D network never does, see models2d.SliceSegmenter; the
         3D network's default InstanceNorm does not; a 3D network configured with BatchNorm would make it
         approximate). ``x_teacher`` is
-        what the teacher sees of each unlabeled patch in ``x_u`` (the same tensor, or its un-augmented crop)."""
+        what the teacher sees of each unlabeled patch in ``x_u`` (the same tensor, or its un-augmented crop).
+        Returns (loss, soft-Dice overlap, size) of the student on the labeled patches, summed over the ranks."""
         optimizer = self.opt2d if network == "2d" else self.opt3d
         scaler = self.scalers[network]
         teacher = "3d" if network == "2d" else "2d"
@@ -398,7 +403,8 @@ class Trainer:
         n_labeled = len(x_l)
         weighted = self.config["teacher"]["weighting"] == "confidence"
         optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=self.device)  # on the device: no host sync per micro-batch
+        # loss, then the student's soft-Dice sums on the labeled patches; on the device: no host sync per micro-batch
+        total = torch.zeros(3, device=self.device)
         for start in range(0, len(x), self.micro_batch):
             part = slice(start, min(start + self.micro_batch, len(x)))
             with torch.autocast(self.device.type, dtype=self.amp.dtype, enabled=self.amp.dtype is not None):
@@ -411,10 +417,13 @@ class Trainer:
                     targets.append(self._teacher_targets(teacher, unlabeled))
                     weights.append(confidence_weight(targets[-1]) if weighted else None)
                 weight = torch.cat(weights) if weighted else None
-                loss = dice_kl_loss(self._forward(network, x[part]), torch.cat(targets), weight)
+                logits = self._forward(network, x[part])
+                loss = dice_kl_loss(logits, torch.cat(targets), weight)
                 loss = loss * (part.stop - start) / (patches or len(x))
             scaler.scale(loss).backward()
-            total += loss.detach().float()
+            total[0] += loss.detach().float()
+            if start < n_labeled:
+                total[1:] += soft_dice_sums(logits[:n_labeled - start], targets[0])
         # Several ranks: the sum of their gradients is the global batch's (each weighted its patches by the
         # global count), and the all-reduce tells every rank whether one of them ran out of memory.
         total, failed = self.ranks.sum_gradients(optimizer.param_groups[0]["params"], total, False)
@@ -468,19 +477,22 @@ class Trainer:
 
         x_l, y_l, x_u = to_device(batch.x_l), to_device(batch.y_l), to_device(batch.x_u)
         x_teacher = to_device(batch.x_clean) if batch.x_clean is not None else x_u  # one copy
-        train_2d, train_3d = self._students(step)
-        losses = {}
-        if train_2d and self.config["teacher"]["directions"] == "2d_to_3d":  # labels only: the mean over them
-            losses["loss_2d"] = self._train_student("2d", x_l, y_l, x_u[:0], x_teacher[:0], batch.n_labeled)
-        elif train_2d:
-            losses["loss_2d"] = self._train_student("2d", x_l, y_l, x_u, x_teacher, batch.patches)
-        if train_3d:
-            losses["loss_3d"] = self._train_student("3d", x_l, y_l, x_u, x_teacher, batch.patches)
-        values = dict(zip(losses, torch.stack(list(losses.values())).tolist()))  # the step's one host sync
+        directions = self.config["teacher"]["directions"]
+        results = {}  # network -> (loss, soft-Dice overlap, size) on the device
+        for network, trains in zip(("2d", "3d"), self._students(step)):
+            if trains and self.fit.learns_from_teacher(directions, network):
+                results[network] = self._train_student(network, x_l, y_l, x_u, x_teacher, batch.patches)
+            elif trains:  # labels only: the mean over them
+                results[network] = self._train_student(network, x_l, y_l, x_u[:0], x_teacher[:0], batch.n_labeled)
+        values = dict(zip(results, torch.stack(list(results.values())).tolist()))  # the step's one host sync
+        for network, (_, overlap, size) in values.items():
+            self.fit.update(network, overlap, size)
         n_labeled, n_unlabeled = batch.n_labeled, batch.n_unlabeled
         return {"step": step, "stage": "warmup" if step < self.stage2 else "cotrain",
                 "unlabeled_share": n_unlabeled / (n_labeled + n_unlabeled), "lr_2d": t["lr_2d"] * factor,
-                "lr_3d": t["lr_3d"] * factor, "loss_2d": values.get("loss_2d"), "loss_3d": values.get("loss_3d")}
+                "lr_3d": t["lr_3d"] * factor, **{f"loss_{net}": values[net][0] if net in values else None
+                                                  for net in ("2d", "3d")},
+                **{f"train_dice_{net}": self.fit.dice[net] for net in ("2d", "3d")}}
 
     # -- the loop -------------------------------------------------------------------------------------------
     def _report(self, force: bool = False, activity: str | None = None) -> None:
