@@ -248,13 +248,13 @@ def _suggest_after_training(trainer: Trainer, datalist: Datalist, events: Events
 
 
 def _choose_network(trainer: Trainer) -> dict:
-    """3D, 2D or ensemble, by Dice on the validation cases (evaluation.network_choice); the preset's choice
-    without any."""
+    """3D, 2D or ensemble, by Dice on the validation cases (evaluation.network_choice); without any, the preset's
+    choice unless the networks' fit on the labeled patches shows one failed."""
     scores = None
     if trainer.validation:
         scores = validation_scores(trainer.model2d, trainer.model3d, trainer.validation, trainer.config,
                                    trainer.num_classes, trainer.device, trainer.amp.dtype)
-    return choose_network(scores, len(trainer.validation), trainer.config["inference"]["network"])
+    return choose_network(scores, len(trainer.validation), trainer.config["inference"]["network"], trainer.fit.dice)
 
 
 def _write_curves(run_dir: Path, history: list[dict], events: Events) -> None:

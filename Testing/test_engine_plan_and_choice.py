@@ -111,9 +111,13 @@ def test_explicit_patch_wins_and_no_validation_keeps_the_presets_network(tmp_pat
     assert experiment["sources"]["sampling.patch_size"] == "--set"
     assert "patch 16×16×16 set explicitly" in experiment["why"]
     choice = _json(run_dir / "model.json")
-    assert choice == {"network": "ensemble", "reason": "no validation cases: the preset's inference.network",
-                      "scores": None, "validation_cases": 0}  # quick preset: ensemble
-    assert events[-1]["network"] == "ensemble"
+    fit = choice.pop("labeled_fit")  # both networks' running Dice on the labeled patches, measured in training
+    assert set(fit) == {"2d", "3d"} and all(0 <= value <= 1 for value in fit.values())
+    assert {**choice, "labeled_fit": fit} == choose_network(None, 0, "ensemble", fit)
+    if min(fit.values()) >= 0.5 * max(fit.values()):  # quick preset: ensemble, unless a network failed
+        assert choice == {"network": "ensemble", "reason": "no validation cases: the preset's inference.network",
+                          "scores": None, "validation_cases": 0}
+    assert events[-1]["network"] == choice["network"]
 
 
 def test_default_planning_keeps_the_presets_patch_and_median_labeled_spacing(tmp_path_factory):
@@ -188,6 +192,19 @@ def test_choice_is_the_best_score_and_a_tie_keeps_the_presets_network():
     tie = choose_network({"3d": 0.8, "2d": 0.8, "ensemble": 0.8}, 1, "ensemble")
     assert tie["network"] == "ensemble" and "1 validation case " in tie["reason"]
     assert choose_network(None, 0, "3d")["reason"].startswith("no validation cases")
+
+
+def test_without_validation_the_ensemble_leaves_out_a_network_that_failed_on_the_labels():
+    assert choose_network(None, 0, "ensemble", {"2d": 0.6, "3d": 0.4})["network"] == "ensemble"  # both learnt
+    failed = choose_network(None, 0, "ensemble", {"2d": 0.05, "3d": 0.7})
+    assert failed["network"] == "3d" and "2D network fits the labeled patches far worse" in failed["reason"]
+    assert failed["labeled_fit"] == {"2d": 0.05, "3d": 0.7}
+    assert choose_network(None, 0, "ensemble", {"2d": 0.8, "3d": 0.3})["network"] == "2d"
+    assert choose_network(None, 0, "3d", {"2d": 0.8, "3d": 0.3})["network"] == "3d"  # the user's own choice stays
+    assert choose_network(None, 0, "ensemble", {"2d": None, "3d": 0.3})["network"] == "ensemble"  # no evidence
+    # with validation cases, their Dice decides, whatever the fit on the labeled patches
+    assert choose_network({"3d": 0.5, "2d": 0.1, "ensemble": 0.6}, 1, "ensemble", {"2d": 0.05, "3d": 0.7})[
+        "network"] == "ensemble"
 
 
 def test_selection_dice_agrees_with_the_reported_metric():
