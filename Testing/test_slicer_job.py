@@ -67,6 +67,13 @@ STANDIN = textwrap.dedent(
             step += 1
             event(event="progress", stage="cotrain", step=step, total_steps=10**6)
             time.sleep(0.05)
+    if mode == "finishing":  # in its last seconds: a stop no longer changes the outcome (as after training)
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        event(event="start")
+        event(event="progress", stage="cotrain", step=1, total_steps=1)
+        time.sleep(1.5)
+        event(event="done", model_dir=os.getcwd())
+        sys.exit(0)
     if mode == "stubborn":  # ignores SIGTERM and has a child of its own
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
@@ -177,6 +184,22 @@ def test_cancel_is_graceful_and_leaves_nothing(standin, tmp_path):
     assert any(e["event"] == "checkpoint" for e in job.events)
     assert alive([pid]) == []
     assert job.phases[1].returncode is None
+
+
+@pytest.mark.parametrize("phases, expected", [(("finishing",), jobs.DONE), (("finishing", "ok"), jobs.CANCELLED)])
+def test_a_stop_that_comes_after_the_work_is_done_keeps_the_result(standin, tmp_path, phases, expected):
+    """The worker exits 0 with its result although the stop was asked: the last phase's job is done (with a log
+    line saying why); an earlier phase's job is cancelled, and the phases after it never run."""
+    job = make_job(standin, tmp_path, *phases).start()
+    while job.poll() == jobs.RUNNING and not job.last_progress:
+        time.sleep(0.05)
+    job.cancel(grace_s=10)
+    assert job.wait(timeout=20) == expected and job.returncode == 0
+    assert job.model_dir == str(tmp_path)
+    assert ("The engine finished before the stop took effect; its result is kept." in job.log) == (
+        expected == jobs.DONE)
+    if len(phases) > 1:
+        assert job.phases[1].returncode is None
 
 
 def test_cancel_kills_stubborn_process_tree(standin, tmp_path):

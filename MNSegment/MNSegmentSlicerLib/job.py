@@ -443,7 +443,14 @@ class EngineJob:
             for process in self._cancel_seen:  # e.g. a worker its launcher left behind
                 with contextlib.suppress(Exception):
                     process.kill()
-            self._finish(CANCELLED)
+            # A killed process reads as 0 too (psutil reaped it before Popen could), so only a worker that
+            # exited by itself counts: the stop came after its work was done (e.g. while the engine ranked the
+            # unlabeled volumes after training), and calling the job cancelled would hide a complete model.
+            if returncode == EXIT_OK and not self._killed and self._phase_index == len(self.phases) - 1:
+                self._handle_log("The engine finished before the stop took effect; its result is kept.")
+                self._finish(DONE)
+            else:
+                self._finish(CANCELLED)
             return
         if returncode == EXIT_OK:
             self._start_next_phase()
