@@ -7,7 +7,7 @@ classes and cases. The choice and its evidence are written to ``model.json`` in 
 
 Without validation cases the preset's network is used, except that an ensemble is not made with a network that
 has not learnt the structure: one whose running Dice on the labeled training patches is below
-``FAILED_FIT_SHARE`` of the other's (a 2D network that segments nothing of a small structure after a short
+``teachers.FAILED_FIT_SHARE`` of the other's (a 2D network that segments nothing of a small structure after a short
 training dragged the ensemble's Dice from 0.45, the 3D network's, to 0.10 in docs/BENCHMARKS.md section 13b).
 """
 
@@ -21,11 +21,11 @@ import torch
 from monai.metrics import compute_dice
 
 from MNSegmentLib.inference.predict import predict_array, predictor
+from MNSegmentLib.training.teachers import LabeledFit
 
 CANDIDATES = ("3d", "2d", "ensemble")
 MODEL_CHOICE = "model.json"
 NO_VALIDATION = "no validation cases"
-FAILED_FIT_SHARE = 0.5
 
 
 def dice_per_class(prediction: torch.Tensor, label: np.ndarray, num_classes: int) -> list[float]:
@@ -65,16 +65,16 @@ def choose_network(scores: dict[str, float] | None, n_cases: int, preset_network
     CANDIDATES), or without validation cases the preset's ``inference.network``, unless that is the ensemble and
     ``labeled_fit`` (each network's running soft Dice on the labeled patches) shows one network failed."""
     if not scores or n_cases == 0:
-        fit = {net: value for net, value in (labeled_fit or {}).items() if value is not None}
         record = {"network": preset_network, "reason": f"{NO_VALIDATION}: the preset's inference.network",
                   "scores": None, "validation_cases": 0, "labeled_fit": labeled_fit}
-        if preset_network == "ensemble" and len(fit) == 2:
-            better, worse = sorted(fit, key=fit.get, reverse=True)
-            if fit[worse] < FAILED_FIT_SHARE * fit[better]:
-                record["network"] = better
-                record["reason"] = (f"{NO_VALIDATION}; the {worse.upper()} network fits the labeled patches far worse "
-                                    f"(Dice {fit[worse]:.2f} against {fit[better]:.2f}), so the "
-                                    f"{better.upper()} network alone rather than the ensemble")
+        fit = LabeledFit(labeled_fit)
+        failed = [net for net in ("2d", "3d") if fit.failed(net)]
+        if preset_network == "ensemble" and failed:
+            worse, better = failed[0], "3d" if failed[0] == "2d" else "2d"
+            record["network"] = better
+            record["reason"] = (f"{NO_VALIDATION}; the {worse.upper()} network fits the labeled patches far worse "
+                                f"(Dice {fit.dice[worse]:.2f} against {fit.dice[better]:.2f}), so the "
+                                f"{better.upper()} network alone rather than the ensemble")
         return record
     order = [preset_network] + [name for name in CANDIDATES if name != preset_network]
     best = max(order, key=lambda name: scores[name])  # max keeps the first of equals
