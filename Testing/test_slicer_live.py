@@ -50,15 +50,18 @@ def _progress(step: int, **fields) -> dict:
 def test_live_chart_has_a_series_per_quantity_fed_by_progress_events():
     scene = new_scene()
     chart = LiveChart(scene)
-    assert chart.add(_progress(1, loss_2d=1.2, loss_3d=1.4)) == 6 - 1  # no validation Dice at step 1
+    # no validation Dice at step 1, and the 2D network's labeled-patch Dice not yet measured
+    assert chart.add(_progress(1, loss_2d=1.2, loss_3d=1.4, train_dice_2d=None, train_dice_3d=0.3)) == 8 - 2
     losses, rates = chart.chart(LOSSES), chart.chart(RATES)
     names = {losses.GetNthPlotSeriesNode(i).GetName() for i in range(losses.GetNumberOfPlotSeriesNodes())}
-    assert names == {"loss 2D", "loss 3D", "unlabeled share", "validation Dice"}
+    assert names == {"loss 2D", "loss 3D", "unlabeled share", "validation Dice", "labeled-patch Dice 2D",
+                     "labeled-patch Dice 3D"}
+    assert _rows(chart, "train_dice_3d") == [(1.0, 0.3)] and _rows(chart, "train_dice_2d") == []
     assert rates.GetNumberOfPlotSeriesNodes() == 2
     series = losses.GetNthPlotSeriesNode(0)
     assert series.GetTableNode().GetID() == chart.table(QUANTITIES[0]).GetID() and series.GetXColumnName() == "step"
     nodes = {c: _count(scene, c) for c in ("vtkMRMLTableNode", "vtkMRMLPlotSeriesNode", "vtkMRMLPlotChartNode")}
-    assert nodes == {"vtkMRMLTableNode": 6, "vtkMRMLPlotSeriesNode": 6, "vtkMRMLPlotChartNode": 2}
+    assert nodes == {"vtkMRMLTableNode": 8, "vtkMRMLPlotSeriesNode": 8, "vtkMRMLPlotChartNode": 2}
 
     # Stage 2 trains one network per step: each loss only on its own steps; a validation Dice now and then.
     chart.add(_progress(2, loss_2d=1.0))

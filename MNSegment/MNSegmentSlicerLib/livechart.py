@@ -3,8 +3,9 @@
 Every quantity has its own table node (columns ``step`` and the quantity) and plot series: the events carry each
 quantity only some of the time (a loss only on the steps its network trains, a validation Dice only every
 ``train.validate_every`` steps), and a table of its own holds exactly the steps that have it, so every line is
-drawn through real points. Two chart nodes: losses with the unlabeled share and the validation Dice (all within
-about 0-2), and the learning rates (around 1e-3, invisible on the first chart's scale).
+drawn through real points. Two chart nodes: losses with the unlabeled share, the validation Dice and each network's
+Dice on its labeled patches (all within about 0-2), and the learning rates (around 1e-3, invisible on the first
+chart's scale).
 
 The nodes are made once and found again by their ``MNSegment.LiveChart`` attribute; a new job empties the tables
 (:meth:`LiveChart.reset`) and keeps the nodes, so a plot view showing the chart keeps showing it. Qt-free: runs
@@ -20,7 +21,7 @@ import vtk
 
 ROLE_ATTRIBUTE = "MNSegment.LiveChart"
 LOSSES, RATES = "losses", "rates"
-CHART_TITLES = {LOSSES: "MNSegment training: losses, unlabeled share, validation Dice",
+CHART_TITLES = {LOSSES: "MNSegment training: losses, unlabeled share, Dice",
                 RATES: "MNSegment training: learning rates"}
 Y_AXIS_TITLES = {LOSSES: "value", RATES: "learning rate"}
 STEP = "step"
@@ -39,6 +40,9 @@ QUANTITIES = (
     Quantity("loss_3d", "loss 3D", LOSSES, (0.46, 0.44, 0.70)),
     Quantity("unlabeled_share", "unlabeled share", LOSSES, (0.40, 0.65, 0.12)),
     Quantity("val_dice", "validation Dice", LOSSES, (0.91, 0.16, 0.54)),
+    # each network's running Dice on its labeled patches: a network that does not find the structure shows here
+    Quantity("train_dice_2d", "labeled-patch Dice 2D", LOSSES, (0.99, 0.68, 0.38)),
+    Quantity("train_dice_3d", "labeled-patch Dice 3D", LOSSES, (0.74, 0.73, 0.85)),
     Quantity("lr_2d", "learning rate 2D", RATES, (0.85, 0.37, 0.01)),
     Quantity("lr_3d", "learning rate 3D", RATES, (0.46, 0.44, 0.70)),
 )
