@@ -82,7 +82,8 @@ _BASE: dict[str, Any] = {
     "teacher": {  # how the frozen network of stage 2 makes the student's targets on unlabeled patches
         "temperature": 1.0,  # softmax(logits / T): 1 = the reference's soft targets, < 1 sharper, 0 = hard labels
         "input": "augmented",  # augmented: the student's own patch (reference); clean: before intensity aug
-        # The candidates below are off (the reference's teacher) until measured (docs/BENCHMARKS.md, section 12).
+        # The candidates below are off (the reference's teacher) unless a preset turns one on by evidence
+        # (docs/BENCHMARKS.md, sections 12-13).
         "ema": 0.0,  # > 0: the teacher is an EMA copy of the other network with this decay (e.g. 0.99)
         "triplanar": False,  # the 2D network trains on and, as teacher, averages slices of every near-isotropic axis
         "weighting": "none",  # none | confidence: weight unlabeled voxels by the teacher's top probability
@@ -130,6 +131,10 @@ PRESETS: dict[str, dict[str, Any]] = {
             "kwargs": {"channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 1, "norm": "instance"}
         },
         "train": {"steps": 400, "lr_3d": 2e-3, "checkpoint_every": 100, "validate_every": 100},
+        # At these budgets the from-scratch 3D network is a weaker teacher than the pretrained 2D one: learning
+        # from it lowered the 2D network on every seed; auto keeps the 2D network on labels (unless it fails on
+        # them) and beat both-ways on every seed of 3 tasks, L = 1 and 2, 200 and 500 steps (BENCHMARKS 13c-13e)
+        "teacher": {"directions": "auto"},
         # After a few hundred CPU steps the from-scratch 3D network still lags the pretrained 2D one
         # (docs/BENCHMARKS.md); averaging both is the robust choice for this short schedule.
         "inference": {"network": "ensemble", "overlap": 0.25, "sw_batch_size": 4},

@@ -25,9 +25,11 @@ from MNSegmentLib.training.trainer import Prefetcher, Trainer
 # -- the unlabeled branch (stage 2) really drives the student ------------------------------------------------
 def _trainer(run_dir: Path) -> Trainer:
     """A Trainer on the shared run folder (it loads that run's checkpoint; nothing is written by train_step).
-    Schedule: 8 steps, stage 2 from step 2, students alternate every step (2D at 2, 3D at 3)."""
+    Schedule: 8 steps, stage 2 from step 2, students alternate every step (2D at 2, 3D at 3); each network
+    teaches the other (the reference's teacher.directions, not the quick preset's auto)."""
     config = json.loads((run_dir / "config.json").read_text())
     config["train"].update(steps=8, warmup_fraction=0.25, alternate_every=1)
+    config["teacher"]["directions"] = "both"
     config["lrg"].update(share=1.0, cap=1.0, unlabeled="replace")  # share 1: an all-unlabeled batch
     plan = Plan.from_json(json.loads((run_dir / "plan.json").read_text()))
     datalist = load_datalist(run_dir / "datalist.json", check_files=False)
