@@ -44,7 +44,7 @@ def test_demo_trains_both_arms_side_by_side_and_tells_the_result(tmp_path, capsy
     assert set(dice) == {"mn", "labeled_only"} and all(0 <= d <= 1 for d in dice.values())
     assert "4 training steps per arm" in out and "per volume, M&N − labeled-only" in out
     assert demo.verdict(dice["mn"], dice["labeled_only"]) in out
-    assert f"Longer budget, {demo.LONGER_BUDGET}." in out
+    assert f"Measured with more seeds and budgets: {demo.LONGER_BUDGET}." in out
     for name in ("mn", "labeled_only"):
         assert (tmp_path / "demo" / "runs" / name / "model.pt").exists()
         assert len(list((tmp_path / "demo" / "predictions" / name).glob("*.nii.gz"))) == 3
