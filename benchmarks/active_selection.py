@@ -26,6 +26,7 @@ alone took 32 min; docs/BENCHMARKS.md §11 used the second form, 693 s after the
         --more-steps 100
     python benchmarks/active_selection.py --out benchmarks/out/active --seeds 0 1 2 --base-steps 150 \\
         --more-steps 24 --more-refresh-at 0.5 --shared-base
+    python benchmarks/active_selection.py --out benchmarks/out/active_geometry --seeds 0 1 2 --vary-geometry
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def make_pool_task(out: Path, args: argparse.Namespace) -> Path:
 
     return make_t1_task(out / "task", n_labeled=len(POOL), n_unlabeled=0, n_test=len(TEST),
                         structure=args.structure, seed=args.task_seed, resolution_mm=args.resolution,
-                        test_in_unlabeled=True).parent
+                        test_in_unlabeled=True, vary_geometry=args.vary_geometry).parent
 
 
 def write_datalist(task: Path, labeled: list[str], path: Path) -> Path:
@@ -178,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolution", type=float, default=3.0)
     p.add_argument("--structure", default="wm", choices=["brain", "gm", "wm"])
     p.add_argument("--task-seed", type=int, default=0)
+    p.add_argument("--vary-geometry", action="store_true",
+                   help="subjects 1, 2 (mod 3) acquired in another orientation with one axis 1.5x coarser: a pool "
+                        "whose volumes differ in acquisition, not only in anatomy, contrast and noise")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
