@@ -18,6 +18,7 @@ from MNSegmentLib.data.preprocess import Plan
 from MNSegmentLib.errors import InputError
 from MNSegmentLib.evaluation.metrics import case_metrics
 from MNSegmentLib.evaluation.network_choice import CANDIDATES, choose_network, dice_per_class
+from MNSegmentLib.training.teachers import LabeledFit
 from MNSegmentLib.workflow import plan_settings, train
 
 QUICK_PATCH = [48, 48, 32]  # the quick preset's patch; the tiny volumes (32x32x20 voxels) are smaller
@@ -114,7 +115,7 @@ def test_explicit_patch_wins_and_no_validation_keeps_the_presets_network(tmp_pat
     fit = choice.pop("labeled_fit")  # both networks' running Dice on the labeled patches, measured in training
     assert set(fit) == {"2d", "3d"} and all(0 <= value <= 1 for value in fit.values())
     assert {**choice, "labeled_fit": fit} == choose_network(None, 0, "ensemble", fit)
-    if min(fit.values()) >= 0.5 * max(fit.values()):  # quick preset: ensemble, unless a network failed
+    if all(LabeledFit(fit).usable(net) for net in fit):  # quick preset: ensemble, unless a network has not learnt
         assert choice == {"network": "ensemble", "reason": "no validation cases: the preset's inference.network",
                           "scores": None, "validation_cases": 0}
     assert events[-1]["network"] == choice["network"]
@@ -197,8 +198,14 @@ def test_choice_is_the_best_score_and_a_tie_keeps_the_presets_network():
 def test_without_validation_the_ensemble_leaves_out_a_network_that_failed_on_the_labels():
     assert choose_network(None, 0, "ensemble", {"2d": 0.6, "3d": 0.4})["network"] == "ensemble"  # both learnt
     failed = choose_network(None, 0, "ensemble", {"2d": 0.05, "3d": 0.7})
-    assert failed["network"] == "3d" and "2D network fits the labeled patches far worse" in failed["reason"]
+    assert failed["network"] == "3d" and "2D network has not learnt the structure" in failed["reason"]
     assert failed["labeled_fit"] == {"2d": 0.05, "3d": 0.7}
+    # below LEARNT_FIT a network is left out even when it is not far behind the other
+    assert choose_network(None, 0, "ensemble", {"2d": 0.22, "3d": 0.3})["network"] == "3d"
+    neither = choose_network(None, 0, "ensemble", {"2d": 0.09, "3d": 0.1})  # the one that found more, alone
+    assert neither["network"] == "3d" and "neither network has learnt" in neither["reason"]
+    assert "Train longer" in neither["reason"]
+    assert choose_network(None, 0, "ensemble", {"2d": 0.12, "3d": 0.08})["network"] == "2d"
     assert choose_network(None, 0, "ensemble", {"2d": 0.8, "3d": 0.3})["network"] == "2d"
     assert choose_network(None, 0, "3d", {"2d": 0.8, "3d": 0.3})["network"] == "3d"  # the user's own choice stays
     assert choose_network(None, 0, "ensemble", {"2d": None, "3d": 0.3})["network"] == "ensemble"  # no evidence

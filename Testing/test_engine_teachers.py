@@ -277,6 +277,20 @@ def test_labeled_fit_is_a_running_mean_and_decides_the_directions():
     assert not fit.learns_from_teacher("2d_to_3d", "2d") and fit.learns_from_teacher("2d_to_3d", "3d")
 
 
+def test_under_auto_a_network_that_has_not_learnt_the_structure_never_teaches():
+    def auto(fit: dict) -> dict[str, bool]:
+        return {net: LabeledFit(fit).learns_from_teacher("auto", net) for net in ("2d", "3d")}
+
+    assert auto({"2d": 0.3, "3d": 0.4}) == {"2d": False, "3d": True}  # both learnt: the 2D network teaches
+    assert auto({"2d": 0.2, "3d": 0.22}) == {"2d": False, "3d": False}  # neither learnt: labels only
+    assert auto({"2d": 0.05, "3d": 0.2}) == {"2d": False, "3d": False}  # 2D failed, but the 3D has not learnt
+    assert auto({"2d": 0.05, "3d": 0.3}) == {"2d": True, "3d": False}  # 2D failed, the learnt 3D teaches
+    fit = LabeledFit({"2d": 0.2, "3d": 0.4})
+    assert not fit.learnt("2d") and fit.learnt("3d") and not fit.usable("2d") and fit.usable("3d")
+    # the reference's directions do not look at the fit
+    assert fit.learns_from_teacher("both", "2d") and fit.learns_from_teacher("2d_to_3d", "3d")
+
+
 def test_auto_directions_follow_the_labeled_fit_on_real_steps(tmp_path_factory, tmp_path):
     """teacher.directions=auto on real steps: the 3D student learns from the 2D teacher and the 2D student from
     labels only, unless the 2D network failed on the labeled patches; then the reverse. Each step measures the
@@ -311,6 +325,8 @@ def test_auto_directions_follow_the_labeled_fit_on_real_steps(tmp_path_factory, 
     assert not same(labels_3d, both_3d)
     assert same(grads("3d", 3, "auto", learnt)[0], both_3d)  # step 3: the 3D student
     assert same(grads("3d", 3, "auto", failed_2d)[0], labels_3d)
+    neither = {"2d": 0.1, "3d": 0.15}  # no network has learnt the structure: both students from labels only
+    assert same(grads("2d", 2, "auto", neither)[0], labels_2d) and same(grads("3d", 3, "auto", neither)[0], labels_3d)
 
     # the measured fit: with no running values yet, a 3D step records the 3D network's soft Dice on the batch's
     # labeled patches, as a separate forward pass with the step's random state finds it

@@ -7,8 +7,10 @@ classes and cases. The choice and its evidence are written to ``model.json`` in 
 
 Without validation cases the preset's network is used, except that an ensemble is not made with a network that
 has not learnt the structure: one whose running Dice on the labeled training patches is below
-``teachers.FAILED_FIT_SHARE`` of the other's (a 2D network that segments nothing of a small structure after a short
-training dragged the ensemble's Dice from 0.45, the 3D network's, to 0.10 in docs/BENCHMARKS.md section 13b).
+``teachers.FAILED_FIT_SHARE`` of the other's or below ``teachers.LEARNT_FIT`` (a 2D network that segments nothing of
+a small structure after a short training dragged the ensemble's Dice from 0.45, the 3D network's, to 0.10 in
+docs/BENCHMARKS.md section 13b). When neither network has learnt it, the one that fits the labeled patches better is
+used alone, and the reason says to train longer: averaging in a network that finds nothing only removes structure.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from monai.metrics import compute_dice
 
 from MNSegmentLib.inference.predict import predict_array, predictor
-from MNSegmentLib.training.teachers import LabeledFit
+from MNSegmentLib.training.teachers import LEARNT_FIT, LabeledFit
 
 CANDIDATES = ("3d", "2d", "ensemble")
 MODEL_CHOICE = "model.json"
@@ -63,18 +65,32 @@ def choose_network(scores: dict[str, float] | None, n_cases: int, preset_network
                    labeled_fit: dict[str, float | None] | None = None) -> dict:
     """The record for model.json: the best-scoring candidate (on a tie, the preset's network, then the order of
     CANDIDATES), or without validation cases the preset's ``inference.network``, unless that is the ensemble and
-    ``labeled_fit`` (each network's running soft Dice on the labeled patches) shows one network failed."""
+    ``labeled_fit`` (each network's running soft Dice on the labeled patches) shows a network has not learnt the
+    structure (``LabeledFit.usable``)."""
     if not scores or n_cases == 0:
         record = {"network": preset_network, "reason": f"{NO_VALIDATION}: the preset's inference.network",
                   "scores": None, "validation_cases": 0, "labeled_fit": labeled_fit}
         fit = LabeledFit(labeled_fit)
-        failed = [net for net in ("2d", "3d") if fit.failed(net)]
-        if preset_network == "ensemble" and failed:
-            worse, better = failed[0], "3d" if failed[0] == "2d" else "2d"
-            record["network"] = better
-            record["reason"] = (f"{NO_VALIDATION}; the {worse.upper()} network fits the labeled patches far worse "
-                                f"(Dice {fit.dice[worse]:.2f} against {fit.dice[better]:.2f}), so the "
-                                f"{better.upper()} network alone rather than the ensemble")
+        unusable = [net for net in ("2d", "3d") if not fit.usable(net)]
+        if preset_network != "ensemble" or not unusable:
+            return record
+        if len(unusable) == 1:
+            worse = unusable[0]
+            better = "3d" if worse == "2d" else "2d"
+        else:  # both measured (an unmeasured network is usable): the one that found more of the structure
+            better = max(("2d", "3d"), key=lambda net: fit.dice[net])
+            worse = "3d" if better == "2d" else "2d"
+        found = f"Dice {fit.dice[worse]:.2f}" + (f" against {fit.dice[better]:.2f}" if fit.dice[better] is not None
+                                                  else "")
+        record["network"] = better
+        if len(unusable) == 2:
+            record["reason"] = (f"{NO_VALIDATION}; neither network has learnt the structure on the labeled patches "
+                                f"({found}; {LEARNT_FIT} or more is learnt): the {better.upper()} network alone, "
+                                f"which found more of it. Train longer, or give validation cases")
+        else:
+            record["reason"] = (f"{NO_VALIDATION}; the {worse.upper()} network has not learnt the structure on the "
+                                f"labeled patches ({found}), so the {better.upper()} network alone rather than "
+                                f"the ensemble")
         return record
     order = [preset_network] + [name for name in CANDIDATES if name != preset_network]
     best = max(order, key=lambda name: scores[name])  # max keeps the first of equals

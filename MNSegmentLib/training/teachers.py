@@ -10,8 +10,9 @@ Two optional strengthenings of the reference's teacher (the raw other network, o
 
 and which way pseudo-labels flow (``teacher.directions``): both ways (the reference), from the 2D network to the 3D
 one only, or ``auto``: from the 2D network to the 3D one, unless the 2D network has failed on the labeled patches
-(:class:`LabeledFit`); then from the 3D network to the 2D one, so a network that has not learnt the structure
-never teaches.
+(:class:`LabeledFit`); then from the 3D network to the 2D one. Under ``auto`` a teacher also has to have learnt the
+structure (:data:`LEARNT_FIT`): while neither has, both learn from labels alone, so a network that has not learnt
+the structure never teaches.
 
 Why "failed" and not "fits worse": the fit is measured on the training patches, where the from-scratch 3D network
 overfits. On white matter it fitted them better than the pretrained 2D network on every co-training step (soft
@@ -57,6 +58,13 @@ def soft_dice_sums(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 #: structure: it does not teach (``teacher.directions=auto``) and is left out of the output ensemble.
 FAILED_FIT_SHARE = 0.5
 
+#: Below this running Dice on its labeled patches a network has not learnt the structure yet, whatever the other
+#: does: it does not teach (``auto``), and it is left out of the output ensemble. The lateral ventricles after 200
+#: steps stayed at 0.02-0.22 for both networks (their pseudo-masks cut the 3D network's test Dice from 0.28-0.45
+#: to 0.01-0.08); white matter was at 0.39 or above from the first co-training step (docs/BENCHMARKS.md §13f).
+#: Chosen after seeing those two tasks, between them with a margin on each side.
+LEARNT_FIT = 0.25
+
 
 class LabeledFit:
     """Each network's running soft Dice on the labeled patches it trains on (an exponential moving average over
@@ -79,12 +87,24 @@ class LabeledFit:
             return True
         if directions == "2d_to_3d":
             return student == "3d"
-        return (student == "2d") == self.failed("2d")
+        return (student == "2d") == self.failed("2d") and self.learnt(_other(student))
 
     def failed(self, network: str) -> bool:
         """Whether ``network`` fits the labeled patches below :data:`FAILED_FIT_SHARE` of the other's fit."""
-        mine, other = self.dice[network], self.dice["3d" if network == "2d" else "2d"]
+        mine, other = self.dice[network], self.dice[_other(network)]
         return mine is not None and other is not None and mine < FAILED_FIT_SHARE * other
+
+    def learnt(self, network: str) -> bool:
+        """Whether ``network`` fits the labeled patches at :data:`LEARNT_FIT` or above (or is not measured yet)."""
+        return self.dice[network] is None or self.dice[network] >= LEARNT_FIT
+
+    def usable(self, network: str) -> bool:
+        """Whether ``network`` belongs in the output ensemble: it has learnt the structure and not failed."""
+        return self.learnt(network) and not self.failed(network)
+
+
+def _other(network: str) -> str:
+    return "3d" if network == "2d" else "2d"
 
 
 class EmaCopy:
