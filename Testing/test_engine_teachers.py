@@ -326,7 +326,10 @@ def test_auto_directions_follow_the_labeled_fit_on_real_steps(tmp_path_factory, 
     assert same(grads("3d", 3, "auto", learnt)[0], both_3d)  # step 3: the 3D student
     assert same(grads("3d", 3, "auto", failed_2d)[0], labels_3d)
     neither = {"2d": 0.1, "3d": 0.15}  # no network has learnt the structure: both students from labels only
-    assert same(grads("2d", 2, "auto", neither)[0], labels_2d) and same(grads("3d", 3, "auto", neither)[0], labels_3d)
+    assert same(grads("2d", 2, "auto", neither)[0], labels_2d)
+    gradients, _, record = grads("3d", 3, "auto", neither)
+    assert same(gradients, labels_3d) and record["taught"] == []  # the history says who learnt from pseudo-labels
+    assert grads("3d", 3, "auto", learnt)[2]["taught"] == ["3d"]
 
     # the measured fit: with no running values yet, a 3D step records the 3D network's soft Dice on the batch's
     # labeled patches, as a separate forward pass with the step's random state finds it

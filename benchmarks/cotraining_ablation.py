@@ -116,11 +116,10 @@ def run_job(task: str, arm: str, seed: int, steps: int, datalist: str, out: str)
     result["delivered_network"] = choice.get("network")
     history = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["history"]
     cotrain = [r for r in history if r["stage"] == "cotrain"]
-    # each network's running Dice on its labeled patches at the end, and in how many co-training steps the 2D
-    # network fitted them at least as well as the 3D one (a diagnostic: the fit on training patches is not test Dice)
+    # each network's running Dice on its labeled patches at the end, and on how many co-training steps each network
+    # learnt from the other's pseudo-labels (teacher.directions=auto decides that step by step)
     result["train_dice"] = {net: history[-1].get(f"train_dice_{net}") for net in ("2d", "3d")}
-    result["cotrain_steps_2d_fits_better"] = sum(
-        (r.get("train_dice_2d") or 0) >= (r.get("train_dice_3d") or 0) for r in cotrain)
+    result["cotrain_steps_taught"] = {net: sum(net in r.get("taught", ()) for r in cotrain) for net in ("2d", "3d")}
     result["cotrain_steps"] = len(cotrain)
     path = result_path(Path(out), task, arm, seed)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -479,9 +479,11 @@ class Trainer:
         x_teacher = to_device(batch.x_clean) if batch.x_clean is not None else x_u  # one copy
         directions = self.config["teacher"]["directions"]
         results = {}  # network -> (loss, soft-Dice overlap, size) on the device
+        taught = []  # the students that learnt from the other network's pseudo-labels in this step
         for network, trains in zip(("2d", "3d"), self._students(step)):
             if trains and self.fit.learns_from_teacher(directions, network):
                 results[network] = self._train_student(network, x_l, y_l, x_u, x_teacher, batch.patches)
+                taught.append(network)
             elif trains:  # labels only: the mean over them
                 results[network] = self._train_student(network, x_l, y_l, x_u[:0], x_teacher[:0], batch.n_labeled)
         values = dict(zip(results, torch.stack(list(results.values())).tolist()))  # the step's one host sync
@@ -489,7 +491,8 @@ class Trainer:
             self.fit.update(network, overlap, size)
         n_labeled, n_unlabeled = batch.n_labeled, batch.n_unlabeled
         return {"step": step, "stage": "warmup" if step < self.stage2 else "cotrain",
-                "unlabeled_share": n_unlabeled / (n_labeled + n_unlabeled), "lr_2d": t["lr_2d"] * factor,
+                "unlabeled_share": n_unlabeled / (n_labeled + n_unlabeled), "taught": taught,
+                "lr_2d": t["lr_2d"] * factor,
                 "lr_3d": t["lr_3d"] * factor, **{f"loss_{net}": values[net][0] if net in values else None
                                                   for net in ("2d", "3d")},
                 **{f"train_dice_{net}": self.fit.dice[net] for net in ("2d", "3d")}}
