@@ -90,7 +90,8 @@ _BASE: dict[str, Any] = {
         "student_view": "same",  # same | strong: the student's unlabeled patches get an extra, stronger augmentation
         # both: each network teaches the other (reference); 2d_to_3d: the 2D network keeps learning from labels
         # only, so a weaker from-scratch 3D network cannot pull it down (docs/BENCHMARKS.md section 13); auto:
-        # 2d_to_3d, reversed while the 2D network fails on the labeled patches (training.teachers.LabeledFit)
+        # 2d_to_3d, reversed while the 2D network fails on the labeled patches, and only a network that has learnt
+        # the structure teaches (training.teachers.LabeledFit)
         "directions": "both",
     },
     "inference": {

@@ -249,7 +249,7 @@ def _suggest_after_training(trainer: Trainer, datalist: Datalist, events: Events
 
 def _choose_network(trainer: Trainer) -> dict:
     """3D, 2D or ensemble, by Dice on the validation cases (evaluation.network_choice); without any, the preset's
-    choice unless the networks' fit on the labeled patches shows one failed."""
+    choice unless the networks' fit on the labeled patches shows one has not learnt the structure."""
     scores = None
     if trainer.validation:
         scores = validation_scores(trainer.model2d, trainer.model3d, trainer.validation, trainer.config,
