@@ -80,6 +80,7 @@ class MNSegmentParameterNode:
     labeledVolumes: list[vtkMRMLScalarVolumeNode]
     labeledSegmentations: list[vtkMRMLSegmentationNode]
     uncheckedVolumes: list[vtkMRMLScalarVolumeNode]
+    previewVolume: vtkMRMLScalarVolumeNode  # None: the first checked unlabeled volume
 
 
 #
@@ -303,6 +304,9 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         selector.toolTip = _("At each checkpoint, training segments this volume (one of the labeled or checked "
                              "unlabeled volumes) and shows it as a 'training preview' segmentation.")
         self.ui.settingsCollapsibleButton.layout().addRow(_("Preview volume:"), selector)
+        # connectGui binds the ui namespace's widgets that name a parameter: the choice is saved with the scene
+        selector.setProperty("SlicerParameterName", "previewVolume")
+        self.ui.previewVolumeSelector = selector
         return selector
 
     def previewVolume(self):
