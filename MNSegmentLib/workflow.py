@@ -34,6 +34,7 @@ from MNSegmentLib.planning.fingerprint import Fingerprint, fingerprint_datalist
 from MNSegmentLib.planning.planner import PLANNED_KEYS, budget_from_config, explicit_settings, plan_experiment
 from MNSegmentLib.training import distributed
 from MNSegmentLib.training.continuation import SourceRun, source_of
+from MNSegmentLib.training.teachers import unlabeled_unused
 from MNSegmentLib.training.trainer import CHECKPOINT, MODEL, Trainer
 
 log = logging.getLogger("mnsegment")
@@ -211,6 +212,10 @@ def _run(run_dir: Path, config: dict, plan: Plan, device: torch.device, events: 
     if not trainer.ranks.is_main:  # what follows writes files and events: rank 0's part
         return run_dir
     _write_curves(run_dir, trainer.history, events)
+    unused = unlabeled_unused(trainer.history, trainer.fit)
+    if unused:
+        log.warning(unused)
+        events.emit("warning", message=unused)
     choice = _choose_network(trainer)
     write_json_atomic(run_dir / MODEL_CHOICE, choice)
     log.info("output network: %s (%s)", choice["network"], choice["reason"])

@@ -21,7 +21,7 @@ from MNSegmentLib.errors import InputError
 from MNSegmentLib.events import Events
 from MNSegmentLib.models import slicing
 from MNSegmentLib.training.losses import confidence_weight, dice_kl_loss
-from MNSegmentLib.training.teachers import EmaCopy, LabeledFit, slice_axes, soft_dice_sums
+from MNSegmentLib.training.teachers import EmaCopy, LabeledFit, slice_axes, soft_dice_sums, unlabeled_unused
 from MNSegmentLib.training.trainer import Trainer
 
 
@@ -289,6 +289,21 @@ def test_under_auto_a_network_that_has_not_learnt_the_structure_never_teaches():
     assert not fit.learnt("2d") and fit.learnt("3d") and not fit.usable("2d") and fit.usable("3d")
     # the reference's directions do not look at the fit
     assert fit.learns_from_teacher("both", "2d") and fit.learns_from_teacher("2d_to_3d", "3d")
+
+
+def test_a_run_whose_unlabeled_volumes_taught_nothing_says_so():
+    fit = LabeledFit({"2d": 0.04, "3d": 0.12})
+    warmup = [{"stage": "warmup", "unlabeled_share": 0.0, "taught": []}]
+    idle = warmup + [{"stage": "cotrain", "unlabeled_share": 0.5, "taught": []}] * 3
+    message = unlabeled_unused(idle, fit)
+    assert message and "unlabeled volumes were not used" in message and "2D 0.04, 3D 0.12" in message
+    assert "Train longer" in message
+    assert unlabeled_unused(idle[:-1] + [{"stage": "cotrain", "unlabeled_share": 0.5, "taught": ["3d"]}], fit) is None
+    assert unlabeled_unused(warmup, fit) is None  # stopped before co-training: nothing to say
+    labeled_only = warmup + [{"stage": "cotrain", "unlabeled_share": 0.0, "taught": []}] * 3  # lrg.mode=off
+    assert unlabeled_unused(labeled_only, fit) is None
+    older = warmup + [{"stage": "cotrain", "unlabeled_share": 0.5}]  # a history from before "taught" existed
+    assert unlabeled_unused(older, fit) is None
 
 
 def test_auto_directions_follow_the_labeled_fit_on_real_steps(tmp_path_factory, tmp_path):

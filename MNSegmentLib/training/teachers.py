@@ -103,6 +103,18 @@ class LabeledFit:
         return self.learnt(network) and not self.failed(network)
 
 
+def unlabeled_unused(history: list[dict], fit: LabeledFit) -> str | None:
+    """A message when co-training ran but no step learnt from pseudo-labels (under ``auto``, no network learnt the
+    structure well enough to teach): the user got the labeled-only result and should know it. None otherwise."""
+    cotrain = [r for r in history if r.get("stage") == "cotrain" and r.get("unlabeled_share")]
+    if not cotrain or any(r.get("taught", True) for r in cotrain):  # records made before "taught" count as taught
+        return None
+    found = ", ".join(f"{net.upper()} {fit.dice[net]:.2f}" for net in ("2d", "3d") if fit.dice[net] is not None)
+    return (f"the unlabeled volumes were not used: neither network learnt the structure on the labeled patches "
+            f"well enough to teach the other (running Dice {found}; {LEARNT_FIT} is needed), so this is the "
+            f"labeled-only result. Train longer (train.steps) or label more volumes")
+
+
 def _other(network: str) -> str:
     return "3d" if network == "2d" else "2d"
 

@@ -483,7 +483,8 @@ class Trainer:
         for network, trains in zip(("2d", "3d"), self._students(step)):
             if trains and self.fit.learns_from_teacher(directions, network):
                 results[network] = self._train_student(network, x_l, y_l, x_u, x_teacher, batch.patches)
-                taught.append(network)
+                if batch.n_unlabeled:
+                    taught.append(network)
             elif trains:  # labels only: the mean over them
                 results[network] = self._train_student(network, x_l, y_l, x_u[:0], x_teacher[:0], batch.n_labeled)
         values = dict(zip(results, torch.stack(list(results.values())).tolist()))  # the step's one host sync
