@@ -15,6 +15,9 @@ Example (the run in docs/BENCHMARKS.md §8)::
 
     python benchmarks/continue_training.py --out benchmarks/out/continue --seeds 0 1 2 --source-steps 200 \\
         --scratch-steps 200 --budgets 25 50 100
+    # the same source and scratch runs, init runs with a tenth of the preset's learning rates
+    python benchmarks/continue_training.py --out benchmarks/out/continue --seeds 0 1 2 --budgets 25 50 100 \\
+        --init-set train.lr_2d=1e-4 train.lr_3d=2e-4 --init-tag lr10
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from accuracy import _init_worker, add_task_arguments, make_task, mean_sd  # noq
 from machine_info import machine  # noqa: E402
 
 
-def train_and_score(datalist: Path, run: Path, steps: int, seed: int, init_from: Path | None) -> dict:
+def train_and_score(datalist: Path, run: Path, steps: int, seed: int, init_from: Path | None,
+                    extra: dict | None = None) -> dict:
     """Trains one run (resuming an interrupted one), predicts the task's test images with its 3D network."""
     from MNSegmentLib.evaluation.metrics import evaluate
     from MNSegmentLib.workflow import predict, resume, train
@@ -42,13 +46,14 @@ def train_and_score(datalist: Path, run: Path, steps: int, seed: int, init_from:
     if run.exists() and not (run / "model.pt").exists():  # interrupted by an earlier invocation
         resume(run, "cpu")
     elif not run.exists():
-        train(datalist, run, "quick", "cpu", {"seed": seed, "train.steps": steps}, init_from=init_from)
+        train(datalist, run, "quick", "cpu", {"seed": seed, "train.steps": steps, **(extra or {})},
+              init_from=init_from)
     train_s = time.time() - started
     test = json.loads((task / "test.json").read_text())["test"]
     predict(run, [str(task / t["image"]) for t in test], run / "pred", network="3d", device="cpu")
     dice = evaluate(run / "pred", task / "labelsTs")["mean"]["1"]["dice"]
     return {"steps": steps, "seed": seed, "init_from": str(init_from) if init_from else None, "dice": dice,
-            "train_s": round(train_s, 1)}
+            "train_s": round(train_s, 1), "overrides": extra or {}}
 
 
 def steps_saved(scratch: dict, init: dict[int, dict]) -> int | None:
@@ -57,11 +62,16 @@ def steps_saved(scratch: dict, init: dict[int, dict]) -> int | None:
     return scratch["steps"] - reached[0] if reached else None
 
 
+def init_name(budget: int, seed: int, tag: str) -> str:
+    return f"init_{budget}{'_' + tag if tag else ''}_seed{seed}"
+
+
 def summarise(results: dict[str, dict], args: argparse.Namespace) -> dict:
     seeds = {}
     for seed in args.seeds:
         scratch = results.get(f"scratch_seed{seed}")
-        init = {b: results[f"init_{b}_seed{seed}"] for b in args.budgets if f"init_{b}_seed{seed}" in results}
+        names = {b: init_name(b, seed, args.init_tag) for b in args.budgets}
+        init = {b: results[name] for b, name in names.items() if name in results}
         if scratch is None or len(init) < len(args.budgets):
             continue  # not finished
         seeds[seed] = {"source_dice": results[f"source_seed{seed}"]["dice"], "scratch_dice": scratch["dice"],
@@ -86,8 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source-steps", type=int, default=200)
     p.add_argument("--scratch-steps", type=int, default=200)
     p.add_argument("--budgets", type=int, nargs="+", default=[25, 50, 100], help="steps of the init runs")
+    p.add_argument("--init-set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides of the init runs only (e.g. a lower learning rate); needs --init-tag")
+    p.add_argument("--init-tag", default="", help="names the init runs made with --init-set (init_B_TAG_seedS), "
+                   "so that they sit beside the plain ones and share their source and scratch runs")
     add_task_arguments(p)
     args = p.parse_args(argv)
+    if args.init_set and not args.init_tag:
+        p.error("--init-set needs --init-tag")
+    from MNSegmentLib.config import parse_set_args
+
+    init_extra = parse_set_args(args.init_set)
     _init_worker()
     before, after = make_task(args.out, args.from_labeled, args), make_task(args.out, args.to_labeled, args)
     jobs, done = args.out / "jobs", args.out / "results"
@@ -98,11 +117,13 @@ def main(argv: list[str] | None = None) -> int:
         plan = [(f"source_seed{seed}", before, source, args.source_steps, None),
                 (f"scratch_seed{seed}", after, jobs / f"scratch_L{args.to_labeled}_{args.scratch_steps}_seed{seed}",
                  args.scratch_steps, None)]
-        plan += [(f"init_{b}_seed{seed}", after, jobs / f"init_L{args.to_labeled}_{b}_seed{seed}", b, source)
-                 for b in args.budgets]
+        plan += [(init_name(b, seed, args.init_tag), after,
+                  jobs / f"init_L{args.to_labeled}_{b}{'_' + args.init_tag if args.init_tag else ''}_seed{seed}",
+                  b, source) for b in args.budgets]
         for name, datalist, run, steps, init_from in plan:
             if name not in results:
-                results[name] = train_and_score(datalist, run, steps, seed, init_from)
+                results[name] = train_and_score(datalist, run, steps, seed, init_from,
+                                                init_extra if init_from else None)
                 (done / f"{name}.json").write_text(json.dumps(results[name], indent=1))
                 print(f"{time.strftime('%H:%M:%S')} {name}: Dice {results[name]['dice']:.4f} "
                       f"({results[name]['train_s']:.0f} s)", flush=True)
