@@ -66,7 +66,7 @@ def test_init_from_starts_from_the_source_weights_and_records_it(tmp_path_factor
     assert states_equal(seen[1], model_state(source.run_dir))
 
 
-def test_default_steps_are_a_quarter_of_the_source_and_data_settings_can_be_overridden(tmp_path_factory):
+def test_defaults_are_a_quarter_of_the_steps_a_tenth_of_the_learning_rates_and_data_can_be_overridden(tmp_path_factory):
     from MNSegmentLib.training.continuation import SourceRun
 
     source = SourceRun.open(trained_run(tmp_path_factory).run_dir)
@@ -75,6 +75,13 @@ def test_default_steps_are_a_quarter_of_the_source_and_data_settings_can_be_over
     assert inherited["data.target_spacing"] == [2.0, 2.0, 2.0]
     assert inherited["model3d.kwargs"] == source.config["model3d"]["kwargs"]
     assert "train.steps" not in source.inherited({}, steps_set=True)
+    # fine-tuning: a tenth of the source's learning rates, unless set explicitly, and no further shrinking when
+    # the source itself continued another run
+    for key in ("lr_2d", "lr_3d"):
+        assert inherited[f"train.{key}"] == pytest.approx(source.config["train"][key] / 10)
+    assert source.inherited({"train.lr_3d": 5e-4}, steps_set=True)["train.lr_3d"] == 5e-4
+    source.config = {**source.config, "init_from": {"run": "earlier", "model_sha256": "0" * 64}}
+    assert source.inherited({}, steps_set=True)["train.lr_2d"] == source.config["train"]["lr_2d"]
 
 
 def test_init_from_a_changed_model_file_is_refused(tmp_path_factory):

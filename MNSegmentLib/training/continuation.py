@@ -1,5 +1,6 @@
 """``mnsegment train --init-from RUN``: a new run that starts from a finished run's networks instead of from
-scratch (after adding labels). Only the weights carry over; optimisers, schedule and pseudo-masks start fresh.
+scratch (after adding labels). Only the weights carry over; optimisers, schedule and pseudo-masks start fresh,
+the schedule at a tenth of the source's learning rates (fine-tuning trained networks, not training new ones).
 
 The new run inherits what the weights depend on: the networks' architecture and the input distribution they
 learnt on (target spacing, normalisation, CT window of RUN's plan). An explicit ``--set`` of a data key wins; an
@@ -27,6 +28,10 @@ ARCHITECTURE_2D = ("name", "adaptation", "lora_rank", "lora_alpha", "decoder_cha
 # schedule is the point. docs/BENCHMARKS.md 'Continue training' (one seed): a quarter just reached the
 # from-scratch Dice, half beat it.
 DEFAULT_STEPS_SHARE = 0.25
+# A continued run's peak learning rates, as a share of the run it starts from (unless set explicitly). At the
+# preset's own rates the restarted schedule (fresh optimiser state, two restarts to the peak) first undid the
+# source's training: docs/BENCHMARKS.md §8b, 3D Dice 0.79 -> 0.72 after 25 steps, back at 0.78 only after 100.
+FINE_TUNE_LR_SHARE = 0.1
 
 
 def sha256(path: Path) -> str:
@@ -69,6 +74,9 @@ class SourceRun:
                "model3d.name": c["model3d"]["name"], "model3d.kwargs": c["model3d"]["kwargs"]}
         if not steps_set:
             out["train.steps"] = max(2, round(c["train"]["steps"] * DEFAULT_STEPS_SHARE))
+        # RUN's own rates when RUN already continued another run: a chain of continuations does not keep shrinking
+        share = 1.0 if c.get("init_from") else FINE_TUNE_LR_SHARE
+        out.update({f"train.{key}": c["train"][key] * share for key in ("lr_2d", "lr_3d")})
         return {**out, **overrides}
 
     def check_config(self, config: dict) -> None:
