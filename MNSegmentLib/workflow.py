@@ -68,6 +68,8 @@ def train(datalist_path: str | Path, output: str | Path, preset: str = "quick", 
     if source is not None:
         overrides = source.inherited(overrides, steps_set="train.steps" in overrides)
     config = configuration.apply_overrides(configuration.preset(preset), overrides)
+    if source is not None:
+        source.fine_tune(config, overrides)
     config["preset"] = preset
     datalist = load_datalist(datalist_path)
     if config["preview"]:  # an absolute path in config.json, so a resumed run finds the image too

@@ -19,6 +19,7 @@ from engine_fixtures import (
     trained_run,
 )
 
+from MNSegmentLib import config as configuration
 from MNSegmentLib import workflow
 from MNSegmentLib.errors import InputError
 from MNSegmentLib.training.continuation import sha256
@@ -52,6 +53,9 @@ def test_init_from_starts_from_the_source_weights_and_records_it(tmp_path_factor
     assert not states_equal(model_state(run_dir), model_state(source.run_dir))  # and it trained from there
     config = json.loads((run_dir / "config.json").read_text())
     assert config["init_from"] == {"run": str(source.run_dir), "model_sha256": sha256(source.run_dir / MODEL)}
+    quick = configuration.preset("quick")["train"]  # 2 steps, shorter than half the source's: fine-tuning rates
+    assert (config["train"]["lr_2d"], config["train"]["lr_3d"]) == pytest.approx((quick["lr_2d"] / 10,
+                                                                                   quick["lr_3d"] / 10))
     source_plan = json.loads((source.run_dir / "plan.json").read_text())
     plan = json.loads((run_dir / "plan.json").read_text())
     for key in ("target_spacing", "normalization", "ct_window", "label_values"):
@@ -66,7 +70,7 @@ def test_init_from_starts_from_the_source_weights_and_records_it(tmp_path_factor
     assert states_equal(seen[1], model_state(source.run_dir))
 
 
-def test_defaults_are_a_quarter_of_the_steps_a_tenth_of_the_learning_rates_and_data_can_be_overridden(tmp_path_factory):
+def test_default_steps_are_a_quarter_of_the_source_and_data_settings_can_be_overridden(tmp_path_factory):
     from MNSegmentLib.training.continuation import SourceRun
 
     source = SourceRun.open(trained_run(tmp_path_factory).run_dir)
@@ -75,13 +79,24 @@ def test_defaults_are_a_quarter_of_the_steps_a_tenth_of_the_learning_rates_and_d
     assert inherited["data.target_spacing"] == [2.0, 2.0, 2.0]
     assert inherited["model3d.kwargs"] == source.config["model3d"]["kwargs"]
     assert "train.steps" not in source.inherited({}, steps_set=True)
-    # fine-tuning: a tenth of the source's learning rates, unless set explicitly, and no further shrinking when
-    # the source itself continued another run
-    for key in ("lr_2d", "lr_3d"):
-        assert inherited[f"train.{key}"] == pytest.approx(source.config["train"][key] / 10)
-    assert source.inherited({"train.lr_3d": 5e-4}, steps_set=True)["train.lr_3d"] == 5e-4
-    source.config = {**source.config, "init_from": {"run": "earlier", "model_sha256": "0" * 64}}
-    assert source.inherited({}, steps_set=True)["train.lr_2d"] == source.config["train"]["lr_2d"]
+
+
+def test_a_short_continued_run_fine_tunes_at_a_tenth_of_the_presets_learning_rates(tmp_path_factory):
+    from MNSegmentLib.training.continuation import SourceRun
+
+    source = SourceRun.open(trained_run(tmp_path_factory).run_dir)
+    preset = configuration.preset("quick")
+    source.config = {**source.config, "train": {**source.config["train"], "steps": 200}}
+
+    def rates(steps: int, overrides: dict | None = None) -> tuple[float, float]:
+        config = configuration.apply_overrides(preset, {"train.steps": steps, **(overrides or {})})
+        source.fine_tune(config, {"train.steps": steps, **(overrides or {})})
+        return config["train"]["lr_2d"], config["train"]["lr_3d"]
+
+    full = preset["train"]["lr_2d"], preset["train"]["lr_3d"]
+    assert rates(50) == pytest.approx((full[0] / 10, full[1] / 10))  # the default quarter of RUN's steps
+    assert rates(100) == pytest.approx(full)  # half RUN's steps or more: the preset's rates
+    assert rates(50, {"train.lr_3d": 5e-4}) == pytest.approx((full[0] / 10, 5e-4))  # a --set rate stays
 
 
 def test_init_from_a_changed_model_file_is_refused(tmp_path_factory):

@@ -1,6 +1,6 @@
 """``mnsegment train --init-from RUN``: a new run that starts from a finished run's networks instead of from
-scratch (after adding labels). Only the weights carry over; optimisers, schedule and pseudo-masks start fresh,
-the schedule at a tenth of the source's learning rates (fine-tuning trained networks, not training new ones).
+scratch (after adding labels). Only the weights carry over; optimisers, schedule and pseudo-masks start fresh. A
+short continued run (the default) fine-tunes: its schedule peaks at a tenth of the preset's learning rates.
 
 The new run inherits what the weights depend on: the networks' architecture and the input distribution they
 learnt on (target spacing, normalisation, CT window of RUN's plan). An explicit ``--set`` of a data key wins; an
@@ -28,9 +28,12 @@ ARCHITECTURE_2D = ("name", "adaptation", "lora_rank", "lora_alpha", "decoder_cha
 # schedule is the point. docs/BENCHMARKS.md 'Continue training' (one seed): a quarter just reached the
 # from-scratch Dice, half beat it.
 DEFAULT_STEPS_SHARE = 0.25
-# A continued run's peak learning rates, as a share of the run it starts from (unless set explicitly). At the
-# preset's own rates the restarted schedule (fresh optimiser state, two restarts to the peak) first undid the
-# source's training: docs/BENCHMARKS.md §8b, 3D Dice 0.79 -> 0.72 after 25 steps, back at 0.78 only after 100.
+# A continued run shorter than FINE_TUNE_BELOW of RUN's steps peaks at FINE_TUNE_LR_SHARE of the preset's learning
+# rates (unless they are set). docs/BENCHMARKS.md §8b (3 seeds): at the preset's rates the restarted schedule
+# (fresh optimiser state, two restarts to the peak) first undid RUN's training (3D Dice 0.790 -> 0.745 after 25
+# steps, 0.760 after 50); a tenth kept it (0.787, 0.785), 6/6 paired. At half RUN's steps the preset's rates had
+# time to recover and did better (0.804 against 0.792, 2/3), so longer runs keep them.
+FINE_TUNE_BELOW = 0.5
 FINE_TUNE_LR_SHARE = 0.1
 
 
@@ -74,10 +77,16 @@ class SourceRun:
                "model3d.name": c["model3d"]["name"], "model3d.kwargs": c["model3d"]["kwargs"]}
         if not steps_set:
             out["train.steps"] = max(2, round(c["train"]["steps"] * DEFAULT_STEPS_SHARE))
-        # RUN's own rates when RUN already continued another run: a chain of continuations does not keep shrinking
-        share = 1.0 if c.get("init_from") else FINE_TUNE_LR_SHARE
-        out.update({f"train.{key}": c["train"][key] * share for key in ("lr_2d", "lr_3d")})
         return {**out, **overrides}
+
+    def fine_tune(self, config: dict, overrides: dict) -> None:
+        """Lowers ``config``'s peak learning rates for a short continued run (see FINE_TUNE_BELOW), except those
+        ``overrides`` set."""
+        if config["train"]["steps"] >= FINE_TUNE_BELOW * self.config["train"]["steps"]:
+            return
+        for key in ("lr_2d", "lr_3d"):
+            if f"train.{key}" not in overrides:
+                config["train"][key] *= FINE_TUNE_LR_SHARE
 
     def check_config(self, config: dict) -> None:
         """An explicit ``--set`` that changes the architecture cannot take RUN's weights."""
