@@ -350,10 +350,13 @@ def test_sigterm_cancels_then_resume_finishes_like_an_uninterrupted_run(tmp_path
     progress = [e for e in events if e["event"] == "progress"]
     assert progress[0]["step"] == stopped_at + 1 and progress[-1]["step"] == TRAINED_STEPS
     done = {key: events[-1].get(key) for key in ("event", "model_dir", "network", "network_reason")}
-    assert done == {"event": "done", "model_dir": str(output), "network": "ensemble",  # quick, no validation
-                    "network_reason": "no validation cases: the preset's inference.network"}
+    choice = json.loads((output / "model.json").read_text())
+    assert choice == json.loads((run.run_dir / "model.json").read_text())  # the uninterrupted run's choice
+    assert choice["validation_cases"] == 0 and choice["reason"].startswith("no validation cases")
+    assert done == {"event": "done", "model_dir": str(output), "network": choice["network"],
+                    "network_reason": choice["reason"]}
     assert len(events[-1]["suggestions"]) == 2  # and what to label next (test_engine_suggestions.py)
-    assert (output / "model.pt").exists() and json.loads((output / "model.json").read_text())["network"] == "ensemble"
+    assert (output / "model.pt").exists()
     # every step's randomness derives from (seed, step): the result equals the uninterrupted run's exactly
     assert states_equal(model_state(output), model_state(run.run_dir))
     # and resuming a finished run is refused

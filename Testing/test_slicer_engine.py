@@ -91,9 +91,9 @@ def test_cancel_real_engine_leaves_no_process_then_resume(tmp_path):
     assert job.status == jobs.RUNNING and job.last_progress, job.error
     tree = [job.pid] + [p.pid for p in psutil.Process(job.pid).children(recursive=True)]
     t0 = time.monotonic()
-    job.cancel()
+    job.cancel(grace_s=60.0)  # a loaded machine may need more than the default 10 s before the kill
     assert time.monotonic() - t0 < 0.5 and job.status == jobs.CANCELLING
-    assert job.wait(timeout=60) == jobs.CANCELLED
+    assert job.wait(timeout=120) == jobs.CANCELLED
     log = "\n".join(job.log)
     assert "stop requested" in log and "SIGTERM" not in log  # the stop file did it, not a signal
     assert job.returncode == 3
