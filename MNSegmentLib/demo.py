@@ -32,9 +32,8 @@ DEMO_STEPS = 150
 #: Mean-Dice difference below which one training seed on 3 volumes cannot tell the arms apart (seed-to-seed sd
 #: of either arm at 1000 steps: 0.002-0.003, docs/BENCHMARKS.md section 2c).
 TIE = 0.005
-#: The benchmark results the demo always quotes (docs/BENCHMARKS.md sections 13-13e: 3 mm white matter as here,
-#: 3 seeds, 4 held-out volumes, the delivered output as the demo compares it, quick's default teacher.directions=auto;
-#: and section 2c: 1000 steps, the 3D networks, both-ways teaching).
+#: The benchmark results the demo always quotes (docs/BENCHMARKS.md sections 13-13h: 3 mm white matter as here,
+#: 3 seeds, 4 held-out volumes, the delivered output as the demo compares it, quick's default teacher.directions=auto).
 LONGER_BUDGET = ("docs/BENCHMARKS.md sections 13-13h (3 seeds, paired): on white matter with 1 and 2 labeled volumes "
                  "at 200 steps, +0.011 and +0.016 Dice over labeled-only (3/3 seeds each); at 500 steps level "
                  "(+0.000) although the 3D network gains +0.023; at 1000 steps the 3D network gains +0.012 but the "
