@@ -25,8 +25,8 @@ from MNSegmentLib.training.trainer import MODEL
 # model2d keys that change the 2D network's tensors or its function (not: weights, dropout, chunking)
 ARCHITECTURE_2D = ("name", "adaptation", "lora_rank", "lora_alpha", "decoder_channels", "decoder_norm")
 # A continued run's default length, as a share of RUN's steps: it starts from trained networks, so a short
-# schedule is the point. docs/BENCHMARKS.md 'Continue training' (one seed): a quarter just reached the
-# from-scratch Dice, half beat it.
+# schedule is the point. docs/BENCHMARKS.md §8b (3 seeds): a quarter, fine-tuning (below), was level with 200 steps
+# from scratch.
 DEFAULT_STEPS_SHARE = 0.25
 # A continued run shorter than FINE_TUNE_BELOW of RUN's steps peaks at FINE_TUNE_LR_SHARE of the preset's learning
 # rates (unless they are set). docs/BENCHMARKS.md §8b (3 seeds): at the preset's rates the restarted schedule
