@@ -23,7 +23,7 @@ import torch
 from monai.metrics import compute_dice
 
 from MNSegmentLib.inference.predict import predict_array, predictor
-from MNSegmentLib.training.teachers import LEARNT_FIT, LabeledFit
+from MNSegmentLib.training.teachers import LEARNT_FIT, LabeledFit, other_network
 
 CANDIDATES = ("3d", "2d", "ensemble")
 MODEL_CHOICE = "model.json"
@@ -76,10 +76,10 @@ def choose_network(scores: dict[str, float] | None, n_cases: int, preset_network
             return record
         if len(unusable) == 1:
             worse = unusable[0]
-            better = "3d" if worse == "2d" else "2d"
+            better = other_network(worse)
         else:  # both measured (an unmeasured network is usable): the one that found more of the structure
             better = max(("2d", "3d"), key=lambda net: fit.dice[net])
-            worse = "3d" if better == "2d" else "2d"
+            worse = other_network(better)
         found = f"Dice {fit.dice[worse]:.2f}" + (f" against {fit.dice[better]:.2f}" if fit.dice[better] is not None
                                                   else "")
         record["network"] = better

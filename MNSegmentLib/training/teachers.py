@@ -87,11 +87,11 @@ class LabeledFit:
             return True
         if directions == "2d_to_3d":
             return student == "3d"
-        return (student == "2d") == self.failed("2d") and self.learnt(_other(student))
+        return (student == "2d") == self.failed("2d") and self.learnt(other_network(student))
 
     def failed(self, network: str) -> bool:
         """Whether ``network`` fits the labeled patches below :data:`FAILED_FIT_SHARE` of the other's fit."""
-        mine, other = self.dice[network], self.dice[_other(network)]
+        mine, other = self.dice[network], self.dice[other_network(network)]
         return mine is not None and other is not None and mine < FAILED_FIT_SHARE * other
 
     def learnt(self, network: str) -> bool:
@@ -115,7 +115,8 @@ def unlabeled_unused(history: list[dict], fit: LabeledFit) -> str | None:
             f"labeled-only result. Train longer (train.steps) or label more volumes")
 
 
-def _other(network: str) -> str:
+def other_network(network: str) -> str:
+    """The other of the two networks ("2d" <-> "3d")."""
     return "3d" if network == "2d" else "2d"
 
 
