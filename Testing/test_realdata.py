@@ -164,6 +164,25 @@ def test_vary_geometry_keeps_anatomy(tmp_path: Path):
 
 
 @needs_nilearn
+def test_strong_bias_changes_only_every_third_subject(tmp_path: Path):
+    kw = {"n_labeled": 3, "n_unlabeled": 0, "n_test": 0, "structure": "wm", "resolution_mm": RES}
+    plain = realdata.make_t1_task(tmp_path / "plain", **kw).parent
+    strong = realdata.make_t1_task(tmp_path / "strong", strong_bias=True, **kw).parent
+    draws = {s["case"]: s["bias_strength"] for s in json.loads((strong / "task.json").read_text())["subjects"]}
+    assert 1.0 <= draws["s002"] <= 2.0 and max(draws["s000"], draws["s001"]) <= 0.2
+    for case in ("s000", "s001"):  # untouched, bit for bit
+        assert np.array_equal(_read(plain / f"imagesTr/{case}.nii.gz")[1], _read(strong / f"imagesTr/{case}.nii.gz")[1])
+
+    def wm_spread(task: Path) -> float:  # white matter's intensity spread: a bias field widens it
+        x, y = _read(task / "imagesTr/s002.nii.gz")[1], _read(task / "labelsTr/s002.nii.gz")[1]
+        return float(x[y == 1].std() / x[y == 1].mean())
+
+    assert np.array_equal(_read(plain / "labelsTr/s002.nii.gz")[1], _read(strong / "labelsTr/s002.nii.gz")[1])
+    assert wm_spread(strong) > 1.5 * wm_spread(plain)
+    assert "strong_bias" in (strong / "README.txt").read_text()
+
+
+@needs_nilearn
 @pytest.mark.parametrize("structure, lo, hi", [("gm", 0.08, 0.3), ("wm", 0.04, 0.25)])
 def test_tissue_structures(tmp_path: Path, structure: str, lo: float, hi: float):
     dl = realdata.make_t1_task(

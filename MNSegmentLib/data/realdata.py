@@ -68,6 +68,7 @@ _PROB_THRESHOLD = 0.5  # grey / white matter = probability map > 0.5
 _CSF_THRESHOLD = 0.35
 _VENTRICLE_DEPTH_MM = 8.0
 _ANISO_FACTOR = 1.5  # vary_geometry: the coarse axis has spacing resolution * this
+_STRONG_BIAS = (1.0, 2.0)  # strong_bias: b of subjects 2 (mod 3); up to 9x across the field of view (coil-like)
 
 
 def _template_paths() -> tuple[Path, Path, Path]:
@@ -256,7 +257,7 @@ def _bias_field(rng: np.random.Generator, shape: tuple[int, ...], strength: floa
 
 
 def _make_subject(
-    index: int, seed: int, structure: str, resolution_mm: float, vary_geometry: bool
+    index: int, seed: int, structure: str, resolution_mm: float, vary_geometry: bool, strong_bias: bool = False
 ) -> tuple[sitk.Image, sitk.Image, dict[str, Any]]:
     """Generate subject ``index``: (image float32, label uint8 {0,1}, record of its random draws)."""
     rng = np.random.default_rng([int(seed), int(index)])  # own stream per subject
@@ -275,6 +276,9 @@ def _make_subject(
         y[sitk.GetArrayFromImage(lab) > 0.5] = value
     # scalar draws first, arrays from a child stream: a subject's parameters do not depend on the resolution
     strength = float(rng.uniform(*_BIAS_MAX))
+    if strong_bias and index % 3 == 2:  # the same draw moved into the strong range: the other draws stay as they are
+        strength = _STRONG_BIAS[0] + (strength - _BIAS_MAX[0]) / (_BIAS_MAX[1] - _BIAS_MAX[0]) * (
+            _STRONG_BIAS[1] - _STRONG_BIAS[0])
     gamma = float(np.exp(rng.uniform(math.log(_GAMMA[0]), math.log(_GAMMA[1]))))
     noise_sigma = float(rng.uniform(*_NOISE_FRAC))
     scale = float(np.exp(rng.uniform(math.log(_SCALE_RANGE[0]), math.log(_SCALE_RANGE[1]))))
@@ -344,7 +348,8 @@ def _readme(params: dict[str, Any], roles: dict[str, list[str]]) -> str:
         "      label linearly from the binary 1 mm mask then thresholded at 0.5 (same transform).",
         f"      Field of view: template brain bounding box + {_MARGIN_MM:g} mm (outside the template = 0).",
         f"  (b) bias field: exp of a random polynomial of total degree {_BIAS_DEGREE} in normalised voxel",
-        f"      coordinates, spanning [1/(1+b), 1+b] with b ~ U{_BIAS_MAX}.",
+        f"      coordinates, spanning [1/(1+b), 1+b] with b ~ U{_BIAS_MAX}"
+        + (f"; b ~ U{_STRONG_BIAS} for subjects 2 (mod 3) (strong_bias)." if params["strong_bias"] else "."),
         f"  (c) contrast: min-max normalisation to [0, 1], then gamma ~ log-U{_GAMMA}.",
         f"  (d) Rician noise: |x + n1 + i n2|, n ~ N(0, s^2), s ~ U{_NOISE_FRAC} of the [0, 1] range; then",
         f"      intensity = offset + scale * x with scale ~ log-U{_SCALE_RANGE}, offset ~ U{_OFFSET_FRAC} x scale.",
@@ -394,6 +399,7 @@ def make_t1_task(
     resolution_mm: float = 2.0,
     test_in_unlabeled: bool = True,
     vary_geometry: bool = False,
+    strong_bias: bool = False,
 ) -> Path:
     """Write a few-label segmentation task made from the real MNI152 T1 template; return its datalist.json.
 
@@ -417,6 +423,8 @@ def make_t1_task(
             reference method).
         vary_geometry: give subjects 1, 2 (mod 3) a non-identity direction and one axis 1.5x coarser, to
             exercise geometry handling.
+        strong_bias: give subjects 2 (mod 3) a strong bias field (b ~ U(1, 2) instead of U(0.1, 0.2)): a
+            pool with a kind of volume its first two subjects do not show.
 
     Returns:
         Path of ``out_dir/datalist.json`` (paths inside are relative to its folder).
@@ -443,6 +451,7 @@ def make_t1_task(
         "resolution_mm": float(resolution_mm),
         "test_in_unlabeled": bool(test_in_unlabeled),
         "vary_geometry": bool(vary_geometry),
+        "strong_bias": bool(strong_bias),
     }
     found = _existing_task(out_dir, params)
     if found is not None:
@@ -470,7 +479,8 @@ def make_t1_task(
                 else "test"
             )
             img, lab, info = _make_subject(
-                index, params["seed"], structure, params["resolution_mm"], params["vary_geometry"]
+                index, params["seed"], structure, params["resolution_mm"], params["vary_geometry"],
+                params["strong_bias"]
             )
             img_rel = f"{'imagesTs' if role == 'test' else 'imagesTr'}/{case}.nii.gz"
             lab_rel = f"{'labelsTs' if role == 'test' else 'labelsTr'}/{case}.nii.gz"
