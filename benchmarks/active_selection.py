@@ -27,6 +27,8 @@ alone took 32 min; docs/BENCHMARKS.md §11 used the second form, 693 s after the
     python benchmarks/active_selection.py --out benchmarks/out/active --seeds 0 1 2 --base-steps 150 \\
         --more-steps 24 --more-refresh-at 0.5 --shared-base
     python benchmarks/active_selection.py --out benchmarks/out/active_geometry --seeds 0 1 2 --vary-geometry
+    python benchmarks/active_selection.py --out benchmarks/out/active_bias --seeds 0 1 2 --strong-bias \
+        --all-candidates
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def make_pool_task(out: Path, args: argparse.Namespace) -> Path:
 
     return make_t1_task(out / "task", n_labeled=len(POOL), n_unlabeled=0, n_test=len(TEST),
                         structure=args.structure, seed=args.task_seed, resolution_mm=args.resolution,
-                        test_in_unlabeled=True, vary_geometry=args.vary_geometry).parent
+                        test_in_unlabeled=True, vary_geometry=args.vary_geometry,
+                        strong_bias=args.strong_bias).parent
 
 
 def write_datalist(task: Path, labeled: list[str], path: Path) -> Path:
@@ -145,6 +148,8 @@ def run_seed(task: Path, out: Path, seed: int, args: argparse.Namespace) -> dict
     test_images = [task / f"imagesTs/{c}.nii.gz" for c in TEST]
     base_info = base_record(task, out, args.base_seed if args.shared_base else seed, args)
     base = Path(base_info["run"])
+    if args.all_candidates:
+        return every_candidate(task, out, seed, args, base_info)
     chosen = {"top": base_info["ranked"][0], "random": random.Random(seed).choice(candidates)}
     record = {"seed": seed, "chosen": chosen, **base_info}
     for arm, case in chosen.items():
@@ -157,6 +162,29 @@ def run_seed(task: Path, out: Path, seed: int, args: argparse.Namespace) -> dict
         record[arm] = {"case": case, "train_s": round(more_s, 1),
                        **{net: test_dice(run, task, net, test_images, task / "labelsTs") for net in ("3d", "ensemble")}}
     return record
+
+
+def every_candidate(task: Path, out: Path, seed: int, args: argparse.Namespace, base_info: dict) -> dict:
+    """--all-candidates: one continued run per candidate; "random" is then the exact expectation of a random
+    choice (the mean over candidates, per test case) instead of one draw, and the score can be compared with what
+    labeling each candidate gained (Spearman over the candidates)."""
+    labeled = POOL[:args.labeled]
+    test_images = [task / f"imagesTs/{c}.nii.gz" for c in TEST]
+    base = Path(base_info["run"])
+    runs = {}
+    for case in base_info["ranked"]:
+        run = out / f"cand_{case}_seed{seed}"
+        _, more_s = train_run(write_datalist(task, labeled + [case], out / f"cand_{case}_seed{seed}.json"), run,
+                              args.more_steps, seed, base, suggest=False, refresh_at=args.more_refresh_at)
+        runs[case] = {"case": case, "train_s": round(more_s, 1),
+                      **{net: test_dice(run, task, net, test_images, task / "labelsTs") for net in ("3d", "ensemble")}}
+    top = base_info["ranked"][0]
+    expected = {net: {c: mean([r[net][c] for r in runs.values()]) for c in TEST} for net in ("3d", "ensemble")}
+    cands = base_info["ranked"]
+    gains = {net: spearman([base_info["scores"][c] for c in cands], [mean(list(runs[c][net].values())) for c in cands])
+             for net in ("3d", "ensemble")}
+    return {"seed": seed, "chosen": {"top": top, "random": "mean over candidates"}, **base_info,
+            "candidates": runs, "top": runs[top], "random": expected, "spearman_score_vs_test_dice": gains}
 
 
 def mean(values: list[float]) -> float:
@@ -182,6 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vary-geometry", action="store_true",
                    help="subjects 1, 2 (mod 3) acquired in another orientation with one axis 1.5x coarser: a pool "
                         "whose volumes differ in acquisition, not only in anatomy, contrast and noise")
+    p.add_argument("--all-candidates", action="store_true",
+                   help="a continued run for every candidate: 'random' is the mean over all of them (the exact "
+                        "expectation of a random choice), and the score is also compared with each one's test Dice")
+    p.add_argument("--strong-bias", action="store_true",
+                   help="subjects 2 (mod 3) with a strong bias field (b 1-2 instead of 0.1-0.2): a kind of "
+                        "volume the labeled subject s000 does not show, in the candidates (s002, s005) and in the "
+                        "test set (s008, s011)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -206,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
             cells += [f"{top:.4f}", f"{rnd:.4f}", f"{top - rnd:+.4f}"]
         print(f"| {r['seed']} | {r['chosen']['top']} | {r['chosen']['random']} | {' | '.join(cells)} "
               f"| {r['spearman_score_vs_error']:+.2f} |")
+        if "candidates" in r:
+            print("  test Dice (ensemble) per candidate, best ranked first: " + ", ".join(
+                f"{c} {mean(list(r['candidates'][c]['ensemble'].values())):.4f}" for c in r["ranked"])
+                + f"; Spearman(score, test Dice) 3D {r['spearman_score_vs_test_dice']['3d']:+.2f}, ensemble "
+                f"{r['spearman_score_vs_test_dice']['ensemble']:+.2f}")
     summary = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
                "wall_s": round(time.time() - started, 1),
                "mean_paired_diff": {net: mean(d) for net, d in diffs.items()},
