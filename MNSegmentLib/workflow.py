@@ -17,7 +17,13 @@ from MNSegmentLib.data.io import writable_folder, write_failed, write_json_atomi
 from MNSegmentLib.data.preprocess import Plan, preprocess_datalist
 from MNSegmentLib.device import amp_for, resolve_device
 from MNSegmentLib.errors import Cancelled, InputError
-from MNSegmentLib.evaluation.network_choice import MODEL_CHOICE, choose_network, read_choice, validation_scores
+from MNSegmentLib.evaluation.network_choice import (
+    MODEL_CHOICE,
+    VALIDATION_STOPPED,
+    choose_network,
+    read_choice,
+    validation_scores,
+)
 from MNSegmentLib.events import Events
 from MNSegmentLib.inference.predict import predict_files, predictor
 from MNSegmentLib.inference.suggestions import (
@@ -218,7 +224,7 @@ def _run(run_dir: Path, config: dict, plan: Plan, device: torch.device, events: 
     if unused:
         log.warning(unused)
         events.emit("warning", message=unused)
-    choice = _choose_network(trainer)
+    choice = _choose_network(trainer, events, stop)
     write_json_atomic(run_dir / MODEL_CHOICE, choice)
     log.info("output network: %s (%s)", choice["network"], choice["reason"])
     suggested = _suggest_after_training(trainer, datalist, events, stop)
@@ -254,14 +260,24 @@ def _suggest_after_training(trainer: Trainer, datalist: Datalist, events: Events
             "suggestions_s": record["seconds"]}
 
 
-def _choose_network(trainer: Trainer) -> dict:
+def _choose_network(trainer: Trainer, events: Events, stop: threading.Event | None) -> dict:
     """3D, 2D or ensemble, by Dice on the validation cases (evaluation.network_choice); without any, the preset's
-    choice unless the networks' fit on the labeled patches shows one has not learnt the structure."""
-    scores = None
-    if trainer.validation:
+    choice unless the networks' fit on the labeled patches shows one has not learnt the structure. A stop asked
+    for once training has ended skips the validation (minutes on large scans) and keeps the trained model."""
+    preset = trainer.config["inference"]["network"]
+    if not trainer.validation:
+        return choose_network(None, 0, preset, trainer.fit.dice)
+    try:
         scores = validation_scores(trainer.model2d, trainer.model3d, trainer.validation, trainer.config,
-                                   trainer.num_classes, trainer.device, trainer.amp.dtype)
-    return choose_network(scores, len(trainer.validation), trainer.config["inference"]["network"], trainer.fit.dice)
+                                   trainer.num_classes, trainer.device, trainer.amp.dtype, stop)
+    except Cancelled:
+        choice = choose_network(None, 0, preset, trainer.fit.dice, no_scores=VALIDATION_STOPPED)
+        message = (f"{VALIDATION_STOPPED}, so the output network is not chosen on the validation cases: "
+                   f"{choice['network']}; 'mnsegment predict --network 3d|2d|ensemble' overrides it")
+        log.warning(message)
+        events.emit("warning", message=message)
+        return choice
+    return choose_network(scores, len(trainer.validation), preset, trainer.fit.dice)
 
 
 def _write_curves(run_dir: Path, history: list[dict], events: Events) -> None:

@@ -4,6 +4,7 @@ network (model.json), on real tiny trainings run as `mnsegment` subprocesses."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ from MNSegmentLib.data.datalist import load_datalist
 from MNSegmentLib.data.preprocess import Plan
 from MNSegmentLib.errors import InputError
 from MNSegmentLib.evaluation.metrics import case_metrics
-from MNSegmentLib.evaluation.network_choice import CANDIDATES, choose_network, dice_per_class
+from MNSegmentLib.evaluation.network_choice import CANDIDATES, VALIDATION_STOPPED, choose_network, dice_per_class
+from MNSegmentLib.events import Events
 from MNSegmentLib.training.teachers import LabeledFit
 from MNSegmentLib.workflow import plan_settings, train
 
@@ -119,6 +121,30 @@ def test_explicit_patch_wins_and_no_validation_keeps_the_presets_network(tmp_pat
         assert choice == {"network": "ensemble", "reason": "no validation cases: the preset's inference.network",
                           "scores": None, "validation_cases": 0}
     assert events[-1]["network"] == choice["network"]
+
+
+def test_a_stop_after_training_skips_the_validation_and_keeps_the_model(tmp_path):
+    """Stop asked on the final checkpoint (training has ended, the validation has not begun): the run ends at once
+    as a finished one, with the preset's network and a reason and a warning that say the choice was skipped."""
+    datalist = _with_validation(make_dataset(tmp_path / "data", n_labeled=3, n_unlabeled=2))
+    stop, seen = threading.Event(), []
+    events = Events(False)
+
+    def listen(event: str, fields: dict) -> None:
+        seen.append((event, fields))
+        if event == "checkpoint" and fields["step"] == 4:
+            stop.set()
+
+    events.listeners.append(listen)
+    train(datalist, tmp_path / "run", "quick", "cpu", {**SMALL, "train.steps": 4, "train.validate_every": 100},
+          events=events, stop=stop)
+    choice = _json(tmp_path / "run" / "model.json")
+    assert choice["scores"] is None and choice["reason"].startswith(VALIDATION_STOPPED)
+    assert (tmp_path / "run" / "model.pt").exists()
+    warnings = [f["message"] for e, f in seen if e == "warning"]
+    assert any(m.startswith(VALIDATION_STOPPED) for m in warnings)
+    assert any("no suggestions" in m for m in warnings)  # the suggestions after training honour the stop too
+    assert seen[-1][0] == "done" and seen[-1][1]["network"] == choice["network"]
 
 
 def test_default_planning_keeps_the_presets_patch_and_median_labeled_spacing(tmp_path_factory):

@@ -16,18 +16,21 @@ used alone, and the reason says to train longer: averaging in a network that fin
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 from monai.metrics import compute_dice
 
+from MNSegmentLib.errors import Cancelled
 from MNSegmentLib.inference.predict import predict_array, predictor
 from MNSegmentLib.training.teachers import LEARNT_FIT, LabeledFit, other_network
 
 CANDIDATES = ("3d", "2d", "ensemble")
 MODEL_CHOICE = "model.json"
 NO_VALIDATION = "no validation cases"
+VALIDATION_STOPPED = "the validation was stopped before its end"
 
 
 def dice_per_class(prediction: torch.Tensor, label: np.ndarray, num_classes: int) -> list[float]:
@@ -40,13 +43,17 @@ def dice_per_class(prediction: torch.Tensor, label: np.ndarray, num_classes: int
 
 def validation_scores(model2d: torch.nn.Module, model3d: torch.nn.Module,
                       cases: list[tuple[np.ndarray, np.ndarray]], config: dict, num_classes: int,
-                      device: torch.device, autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
-    """Mean foreground Dice of each candidate over ``cases`` (preprocessed image and label arrays)."""
+                      device: torch.device, autocast_dtype: torch.dtype | None = None,
+                      stop: threading.Event | None = None) -> dict[str, float]:
+    """Mean foreground Dice of each candidate over ``cases`` (preprocessed image and label arrays); raises
+    Cancelled between two cases once ``stop`` is set."""
     inference = config["inference"]
     scores: dict[str, list[float]] = {name: [] for name in CANDIDATES}
     model2d.eval()
     model3d.eval()
     for image, label in cases:
+        if stop is not None and stop.is_set():
+            raise Cancelled()
         probabilities = {}
         for name in ("3d", "2d"):
             predict = predictor(name, model2d, model3d, config["data"]["slice_axis"], config["model2d"]["chunk_slices"])
@@ -62,13 +69,13 @@ def validation_scores(model2d: torch.nn.Module, model3d: torch.nn.Module,
 
 
 def choose_network(scores: dict[str, float] | None, n_cases: int, preset_network: str,
-                   labeled_fit: dict[str, float | None] | None = None) -> dict:
+                   labeled_fit: dict[str, float | None] | None = None, no_scores: str = NO_VALIDATION) -> dict:
     """The record for model.json: the best-scoring candidate (on a tie, the preset's network, then the order of
     CANDIDATES), or without validation cases the preset's ``inference.network``, unless that is the ensemble and
     ``labeled_fit`` (each network's running soft Dice on the labeled patches) shows a network has not learnt the
-    structure (``LabeledFit.usable``)."""
+    structure (``LabeledFit.usable``). ``no_scores`` says why there are no scores (the reason's opening)."""
     if not scores or n_cases == 0:
-        record = {"network": preset_network, "reason": f"{NO_VALIDATION}: the preset's inference.network",
+        record = {"network": preset_network, "reason": f"{no_scores}: the preset's inference.network",
                   "scores": None, "validation_cases": 0, "labeled_fit": labeled_fit}
         fit = LabeledFit(labeled_fit)
         unusable = [net for net in ("2d", "3d") if not fit.usable(net)]
@@ -84,11 +91,11 @@ def choose_network(scores: dict[str, float] | None, n_cases: int, preset_network
                                                   else "")
         record["network"] = better
         if len(unusable) == 2:
-            record["reason"] = (f"{NO_VALIDATION}; neither network has learnt the structure on the labeled patches "
+            record["reason"] = (f"{no_scores}; neither network has learnt the structure on the labeled patches "
                                 f"({found}; {LEARNT_FIT} or more is learnt): the {better.upper()} network alone, "
                                 f"which found more of it. Train longer, or give validation cases")
         else:
-            record["reason"] = (f"{NO_VALIDATION}; the {worse.upper()} network has not learnt the structure on the "
+            record["reason"] = (f"{no_scores}; the {worse.upper()} network has not learnt the structure on the "
                                 f"labeled patches ({found}), so the {better.upper()} network alone rather than "
                                 f"the ensemble")
         return record
