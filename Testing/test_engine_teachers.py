@@ -20,6 +20,7 @@ from MNSegmentLib.data.preprocess import Plan
 from MNSegmentLib.errors import InputError
 from MNSegmentLib.events import Events
 from MNSegmentLib.models import slicing
+from MNSegmentLib.training import distributed
 from MNSegmentLib.training.losses import confidence_weight, dice_kl_loss
 from MNSegmentLib.training.teachers import EmaCopy, LabeledFit, slice_axes, soft_dice_sums, unlabeled_unused
 from MNSegmentLib.training.trainer import Trainer
@@ -212,6 +213,21 @@ def test_strong_student_view_perturbs_only_the_students_patch(tmp_path_factory, 
     assert torch.equal(strong.x_clean, teacher_view)  # the teacher's view is unchanged ...
     assert not torch.allclose(strong.x_u, usual.x_u, atol=1e-3)  # ... the student's is perturbed further
     assert float((strong.x_u - usual.x_u).std()) > 0.05
+
+
+def test_strong_student_view_is_the_same_whichever_rank_draws_a_patch(tmp_path_factory):
+    """Split over 2 ranks, the strong views of a step's unlabeled patches are the single process's, patch for
+    patch (each patch has its own random stream, as its crop does)."""
+    trainer = _trainer(trained_run(tmp_path_factory).run_dir, student_view="strong")
+    trainer.config["sampling"]["batch_size"] = 4
+    whole = trainer.draw_batch(trainer.stage2, trainer.masks_version)
+    shares = []
+    for rank in range(2):
+        trainer.ranks = distributed.Ranks(rank, 2)
+        shares.append(trainer.draw_batch(trainer.stage2, trainer.masks_version))
+    assert len(whole.x_u) == 4 and [len(b.x_u) for b in shares] == [2, 2]
+    assert torch.equal(torch.cat([b.x_u for b in shares]), whole.x_u)
+    assert torch.equal(torch.cat([b.x_clean for b in shares]), whole.x_clean)
 
 
 # -- one direction: the 2D network learns from labels only ---------------------------------------------------

@@ -125,6 +125,14 @@ def draw_patches(sampler: PatchSampler, indices: np.ndarray, seed: int, step: in
     return torch.cat(crops), torch.cat(labels) if labels else None, torch.cat(augmented)
 
 
+def strong_views(sampler: PatchSampler, patches: torch.Tensor, indices: np.ndarray, seed: int,
+                 step: int) -> torch.Tensor:
+    """The student's extra-perturbed view of unlabeled patches number ``indices`` (teacher.student_view=strong),
+    each from its own stream, as :func:`draw_patches` draws them: the same whichever rank draws the patch."""
+    return torch.cat([sampler.augment_batch(patches[i:i + 1], np.random.default_rng([seed, step, 3, int(index)]),
+                                            strong=True) for i, index in enumerate(indices)])
+
+
 def refresh_steps(config: dict) -> list[int]:
     """The start of stage 2 and the ``train.refresh_at`` shares of all steps that fall in stage 2."""
     total, stage2, _ = stage_bounds(config)
@@ -451,12 +459,13 @@ class Trainer:
         # (docs/BENCHMARKS.md); "replace" (the reference code): they take labeled places.
         n_labeled = batch if lrg["unlabeled"] == "add" else batch - n_unlabeled
         mine = self.ranks.shard(n_labeled + n_unlabeled)  # this rank's share of the global batch
+        unlabeled = mine[mine >= n_labeled] - n_labeled
         _, y_l, x_l = draw_patches(self.labeled, mine[mine < n_labeled], self.seed, step, 1)
-        x_clean, _, x_u = draw_patches(self.unlabeled, mine[mine >= n_labeled] - n_labeled, self.seed, step, 2)
+        x_clean, _, x_u = draw_patches(self.unlabeled, unlabeled, self.seed, step, 2)
         x_clean = x_clean if self.config["teacher"]["input"] == "clean" else None
         if self.config["teacher"]["student_view"] == "strong" and len(x_u):  # the teacher keeps the usual view
             x_clean = x_u if x_clean is None else x_clean
-            x_u = self.unlabeled.augment_batch(x_u, rng, strong=True)
+            x_u = strong_views(self.unlabeled, x_u, unlabeled, self.seed, step)
         if self.device.type == "cuda":  # page-locked, so the copy to the GPU can overlap with computation
             x_l, y_l, x_u, x_clean = (t.pin_memory() if t is not None else None for t in (x_l, y_l, x_u, x_clean))
         return Batch(step, masks_version, torch_seed, x_l, y_l, x_u, x_clean, n_labeled, n_unlabeled)
