@@ -27,7 +27,7 @@ alone took 32 min; docs/BENCHMARKS.md §11 used the second form, 693 s after the
     python benchmarks/active_selection.py --out benchmarks/out/active --seeds 0 1 2 --base-steps 150 \\
         --more-steps 24 --more-refresh-at 0.5 --shared-base
     python benchmarks/active_selection.py --out benchmarks/out/active_geometry --seeds 0 1 2 --vary-geometry
-    python benchmarks/active_selection.py --out benchmarks/out/active_bias --seeds 0 1 2 --strong-bias \
+    python benchmarks/active_selection.py --out benchmarks/out/active_bias --seeds 0 1 2 --strong-bias \\
         --all-candidates
 """
 
@@ -145,9 +145,7 @@ def run_seed(task: Path, out: Path, seed: int, args: argparse.Namespace) -> dict
     torch.set_num_threads(1)
     labeled = POOL[:args.labeled]
     candidates = [c for c in POOL if c not in labeled]
-    test_images = [task / f"imagesTs/{c}.nii.gz" for c in TEST]
     base_info = base_record(task, out, args.base_seed if args.shared_base else seed, args)
-    base = Path(base_info["run"])
     if args.all_candidates:
         return every_candidate(task, out, seed, args, base_info)
     chosen = {"top": base_info["ranked"][0], "random": random.Random(seed).choice(candidates)}
@@ -156,35 +154,33 @@ def run_seed(task: Path, out: Path, seed: int, args: argparse.Namespace) -> dict
         if arm == "random" and case == chosen["top"]:
             record["random"] = record["top"]
             continue
-        run = out / f"{arm}_seed{seed}"
-        _, more_s = train_run(write_datalist(task, labeled + [case], out / f"{arm}_seed{seed}.json"), run,
-                              args.more_steps, seed, base, suggest=False, refresh_at=args.more_refresh_at)
-        record[arm] = {"case": case, "train_s": round(more_s, 1),
-                       **{net: test_dice(run, task, net, test_images, task / "labelsTs") for net in ("3d", "ensemble")}}
+        record[arm] = label_and_continue(task, out, f"{arm}_seed{seed}", case, seed, args, Path(base_info["run"]))
     return record
+
+
+def label_and_continue(task: Path, out: Path, name: str, case: str, seed: int, args: argparse.Namespace,
+                       base: Path) -> dict:
+    """``case`` labeled too, ``train --init-from base`` for --more-steps in ``out/name``; its test Dice per case."""
+    run = out / name
+    _, more_s = train_run(write_datalist(task, POOL[:args.labeled] + [case], out / f"{name}.json"), run,
+                          args.more_steps, seed, base, suggest=False, refresh_at=args.more_refresh_at)
+    test_images = [task / f"imagesTs/{c}.nii.gz" for c in TEST]
+    return {"case": case, "train_s": round(more_s, 1),
+            **{net: test_dice(run, task, net, test_images, task / "labelsTs") for net in ("3d", "ensemble")}}
 
 
 def every_candidate(task: Path, out: Path, seed: int, args: argparse.Namespace, base_info: dict) -> dict:
     """--all-candidates: one continued run per candidate; "random" is then the exact expectation of a random
     choice (the mean over candidates, per test case) instead of one draw, and the score can be compared with what
     labeling each candidate gained (Spearman over the candidates)."""
-    labeled = POOL[:args.labeled]
-    test_images = [task / f"imagesTs/{c}.nii.gz" for c in TEST]
-    base = Path(base_info["run"])
-    runs = {}
-    for case in base_info["ranked"]:
-        run = out / f"cand_{case}_seed{seed}"
-        _, more_s = train_run(write_datalist(task, labeled + [case], out / f"cand_{case}_seed{seed}.json"), run,
-                              args.more_steps, seed, base, suggest=False, refresh_at=args.more_refresh_at)
-        runs[case] = {"case": case, "train_s": round(more_s, 1),
-                      **{net: test_dice(run, task, net, test_images, task / "labelsTs") for net in ("3d", "ensemble")}}
-    top = base_info["ranked"][0]
+    ranked = base_info["ranked"]
+    runs = {case: label_and_continue(task, out, f"cand_{case}_seed{seed}", case, seed, args, Path(base_info["run"]))
+            for case in ranked}
     expected = {net: {c: mean([r[net][c] for r in runs.values()]) for c in TEST} for net in ("3d", "ensemble")}
-    cands = base_info["ranked"]
-    gains = {net: spearman([base_info["scores"][c] for c in cands], [mean(list(runs[c][net].values())) for c in cands])
-             for net in ("3d", "ensemble")}
-    return {"seed": seed, "chosen": {"top": top, "random": "mean over candidates"}, **base_info,
-            "candidates": runs, "top": runs[top], "random": expected, "spearman_score_vs_test_dice": gains}
+    scores = [base_info["scores"][c] for c in ranked]
+    gains = {net: spearman(scores, [mean(list(runs[c][net].values())) for c in ranked]) for net in ("3d", "ensemble")}
+    return {"seed": seed, "chosen": {"top": ranked[0], "random": "mean over candidates"}, **base_info,
+            "candidates": runs, "top": runs[ranked[0]], "random": expected, "spearman_score_vs_test_dice": gains}
 
 
 def mean(values: list[float]) -> float:
