@@ -66,12 +66,13 @@ OUTPUTS = {"3d": "3d", "delivered": None, "2d": "2d"}
 RESOLUTION_MM = {"ventricles": 2.0}
 
 
-def task_datalist(out: Path, task: str, labeled: int) -> Path:
+def task_datalist(out: Path, task: str, labeled: int, strong_bias: bool = False) -> Path:
     from MNSegmentLib.data.realdata import make_t1_task
 
     mm = RESOLUTION_MM.get(task, 3.0)
-    return make_t1_task(out / "tasks" / f"{task}_{mm:g}mm_L{labeled}", n_labeled=labeled, n_unlabeled=8 - labeled,
-                        n_test=4, structure=task, seed=0, resolution_mm=mm, test_in_unlabeled=True)
+    name = f"{task}_{mm:g}mm_L{labeled}" + ("_strongbias" if strong_bias else "")
+    return make_t1_task(out / "tasks" / name, n_labeled=labeled, n_unlabeled=8 - labeled, n_test=4, structure=task,
+                        seed=0, resolution_mm=mm, test_in_unlabeled=True, strong_bias=strong_bias)
 
 
 def result_path(out: Path, task: str, arm: str, seed: int) -> Path:
@@ -168,13 +169,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", nargs="+", default=["mn", "mn_ema", "mn_tri", "mn_conf"], choices=list(ARMS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--labeled", type=int, default=2)
+    p.add_argument("--labeled", type=int, default=2,
+                   help="labeled subjects of the 8 in the pool; 8 = every pool subject labeled (the fully supervised "
+                        "ceiling of labeled-only: the same test subjects, no unlabeled training subject)")
+    p.add_argument("--strong-bias", action="store_true",
+                   help="every third subject (s002, s005, s008, s011) has a strong bias field that the first two "
+                        "labeled subjects do not show (realdata.make_t1_task(strong_bias=True))")
     p.add_argument("--table-only", action="store_true", help="aggregate existing results, train nothing")
     args = p.parse_args(argv)
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    datalists = {task: str(task_datalist(out, task, args.labeled)) for task in args.tasks}
+    if not 1 <= args.labeled <= 8:
+        p.error("--labeled must be within 1..8 (the pool has 8 subjects)")
+    datalists = {task: str(task_datalist(out, task, args.labeled, args.strong_bias)) for task in args.tasks}
     jobs = [(task, arm, seed) for seed in args.seeds for task in args.tasks for arm in args.arms
             if not result_path(out, task, arm, seed).exists()]
     if not args.table_only:
@@ -195,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
                "machine": machine(), "elapsed_s": round(time.time() - started, 1), "steps": args.steps,
-               "labeled": args.labeled, "seeds": args.seeds, "arms": {a: ARMS[a] for a in args.arms}, "rows": rows}
+               "labeled": args.labeled, "strong_bias": args.strong_bias, "seeds": args.seeds,
+               "arms": {a: ARMS[a] for a in args.arms}, "rows": rows}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     print(table)
     return 0
