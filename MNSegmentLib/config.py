@@ -85,7 +85,8 @@ _BASE: dict[str, Any] = {
         # The candidates below are off (the reference's teacher) unless a preset turns one on by evidence
         # (docs/BENCHMARKS.md, sections 12-13).
         "ema": 0.0,  # > 0: the teacher is an EMA copy of the other network with this decay (e.g. 0.99)
-        "triplanar": False,  # the 2D network trains on and, as teacher, averages slices of every near-isotropic axis
+        # the 2D network trains on slices of every near-isotropic axis and, as teacher and predictor, averages them
+        "triplanar": False,
         "weighting": "none",  # none | confidence: weight unlabeled voxels by the teacher's top probability
         "student_view": "same",  # same | strong: the student's unlabeled patches get an extra, stronger augmentation
         # both: each network teaches the other (reference); 2d_to_3d: the 2D network keeps learning from labels

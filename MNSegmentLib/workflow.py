@@ -36,6 +36,7 @@ from MNSegmentLib.inference.suggestions import (
 )
 from MNSegmentLib.models.network2d import build_model2d
 from MNSegmentLib.models.network3d import build_model3d, check_patch_size
+from MNSegmentLib.models.slicing import network_axes
 from MNSegmentLib.planning.fingerprint import Fingerprint, fingerprint_datalist
 from MNSegmentLib.planning.planner import PLANNED_KEYS, budget_from_config, explicit_settings, plan_experiment
 from MNSegmentLib.training import distributed
@@ -246,7 +247,8 @@ def _suggest_after_training(trainer: Trainer, datalist: Datalist, events: Events
         if stop is not None and stop.is_set():
             raise Cancelled()
 
-    scorer = Scorer(trainer.model2d, trainer.model3d, trainer.config, trainer.device, trainer.amp.dtype)
+    scorer = Scorer(trainer.model2d, trainer.model3d, trainer.config, trainer.axes_2d, trainer.device,
+                    trainer.amp.dtype)
     try:
         record = suggest_files([c.image for c in datalist.unlabeled], output, trainer.plan, scorer,
                                trainer.run_dir, check_stop)
@@ -269,7 +271,7 @@ def _choose_network(trainer: Trainer, events: Events, stop: threading.Event | No
         return choose_network(None, 0, preset, trainer.fit.dice)
     try:
         scores = validation_scores(trainer.model2d, trainer.model3d, trainer.validation, trainer.config,
-                                   trainer.num_classes, trainer.device, trainer.amp.dtype, stop)
+                                   trainer.axes_2d, trainer.num_classes, trainer.device, trainer.amp.dtype, stop)
     except Cancelled:
         choice = choose_network(None, 0, preset, trainer.fit.dice, no_scores=VALIDATION_STOPPED)
         message = (f"{VALIDATION_STOPPED}, so the output network is not chosen on the validation cases: "
@@ -354,7 +356,7 @@ def predict(model_dir: str | Path, images: list[str | Path], output_dir: str | P
     network = network or _default_network(Path(model_dir), config)
     if network not in ("3d", "2d", "ensemble"):
         raise InputError(f"--network {network}: use 3d, 2d or ensemble")
-    predict_fn = predictor(network, model2d, model3d, config["data"]["slice_axis"],
+    predict_fn = predictor(network, model2d, model3d, network_axes(config, plan.target_spacing),
                            config["model2d"]["chunk_slices"])
     amp = amp_for(torch_device, config["train"]["amp"])
 
@@ -429,7 +431,8 @@ def suggest(model_dir: str | Path, images: list[str | Path] | None = None, outpu
     torch_device = resolve_device(device)
     config, plan, model2d, model3d = load_models(model_dir, torch_device)
     writable_folder(output.parent, "--output")
-    scorer = Scorer(model2d, model3d, config, torch_device, amp_for(torch_device, config["train"]["amp"]).dtype)
+    scorer = Scorer(model2d, model3d, config, network_axes(config, plan.target_spacing), torch_device,
+                    amp_for(torch_device, config["train"]["amp"]).dtype)
 
     def scored(i: int, path: Path, volume: dict) -> None:
         log.info("%s: score %.3f", path, volume["score"])

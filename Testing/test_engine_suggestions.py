@@ -66,7 +66,7 @@ def _write_cases(folder: Path, brightness: dict[str, float]) -> list[Path]:
 def _scorer() -> tuple[Scorer, Plan]:
     config = configuration.apply_overrides(configuration.preset("quick"), {"sampling.patch_size": [16, 16, 8]})
     # 3D calls anything above 100 foreground, 2D only above 200: a structure of brightness 150 splits them.
-    scorer = Scorer(Threshold(200.0), Threshold(100.0), config, torch.device("cpu"))
+    scorer = Scorer(Threshold(200.0), Threshold(100.0), config, (config["data"]["slice_axis"],), torch.device("cpu"))
     plan = Plan(list(SPACING), "none", None, [0, 1], {"1": "ball"})
     return scorer, plan
 

@@ -19,10 +19,11 @@ from MNSegmentLib.data.datalist import load_datalist
 from MNSegmentLib.data.preprocess import Plan
 from MNSegmentLib.errors import InputError
 from MNSegmentLib.events import Events
+from MNSegmentLib.inference.predict import predictor
 from MNSegmentLib.models import slicing
 from MNSegmentLib.training import distributed
 from MNSegmentLib.training.losses import confidence_weight, dice_kl_loss
-from MNSegmentLib.training.teachers import EmaCopy, LabeledFit, slice_axes, soft_dice_sums, unlabeled_unused
+from MNSegmentLib.training.teachers import EmaCopy, LabeledFit, soft_dice_sums, unlabeled_unused
 from MNSegmentLib.training.trainer import Trainer
 
 
@@ -78,8 +79,8 @@ def test_bad_teacher_settings_are_refused(key, value):
     ((1.0, 1.0, 2.0), (2, 0, 1)),  # at the limit (2x)
 ])
 def test_triplanar_axes_follow_the_spacing(spacing, expected):
-    assert slice_axes(spacing, 2, triplanar=True) == expected
-    assert slice_axes(spacing, 2, triplanar=False) == (2,)
+    assert slicing.slice_axes(spacing, 2, triplanar=True) == expected
+    assert slicing.slice_axes(spacing, 2, triplanar=False) == (2,)
 
 
 # -- losses --------------------------------------------------------------------------------------------------
@@ -181,6 +182,45 @@ def test_triplanar_2d_student_trains_on_each_axis_in_turn(tmp_path_factory, monk
         trainer.step = step
         trainer.train_step()
     assert sorted(axes) == [0, 1, 2]
+
+
+def test_a_triplanar_2d_network_predicts_along_its_three_slice_directions(tmp_path_factory):
+    trainer = _trainer(trained_run(tmp_path_factory).run_dir)
+    model2d, model3d = trainer.model2d.eval(), trainer.model3d.eval()
+    x = _patch(trainer)
+    with torch.no_grad():
+        per_axis = [torch.softmax(slicing.apply_2d(model2d, x, axis, 128), 1) for axis in (2, 0, 1)]
+        p3d = torch.softmax(model3d(x), 1)
+        p2d = predictor("2d", model2d, model3d, (2, 0, 1), 128)(x)
+        ensemble = predictor("ensemble", model2d, model3d, (2, 0, 1), 128)(x)
+        single = predictor("2d", model2d, model3d, (2,), 128)(x)
+    assert torch.allclose(p2d, sum(per_axis) / 3, atol=1e-5)
+    assert torch.allclose(ensemble, (p3d + p2d) / 2, atol=1e-5)  # 2D and 3D weigh equally, not 3 : 1
+    assert torch.allclose(single, per_axis[0], atol=1e-5) and not torch.allclose(p2d, single, atol=1e-3)
+
+
+@pytest.mark.parametrize("triplanar, expected", [(False, {2}), (True, {0, 1, 2})])
+def test_predict_slices_along_the_directions_the_2d_network_was_trained_on(tmp_path_factory, tmp_path, monkeypatch,
+                                                                           triplanar, expected):
+    from MNSegmentLib.workflow import predict
+
+    run = trained_run(tmp_path_factory)
+    run_dir = tmp_path / "run"
+    shutil.copytree(run.run_dir, run_dir, ignore=shutil.ignore_patterns("cache", "pseudo", "suggestions"))
+    config = json.loads((run_dir / "config.json").read_text())
+    config["teacher"]["triplanar"] = triplanar
+    (run_dir / "config.json").write_text(json.dumps(config))
+    axes = set()
+    original = slicing.apply_2d
+
+    def recording(model, x, axis, chunk, recompute=False):
+        axes.add(axis)
+        return original(model, x, axis, chunk, recompute)
+
+    monkeypatch.setattr("MNSegmentLib.inference.predict.apply_2d", recording)
+    image = json.loads((run_dir / "datalist.json").read_text())["labeled"][0]["image"]
+    written = predict(run_dir, [image], tmp_path / "out", network="2d", device="cpu")
+    assert axes == expected and written[0].is_file()
 
 
 # -- confidence-weighted unlabeled loss ----------------------------------------------------------------------

@@ -63,7 +63,7 @@ def job(tmp_path):
     (folder / "run" / "plan.json").write_text(json.dumps(plan.to_json()))
     (folder / "run" / "config.json").write_text("{}")
     config = configuration.apply_overrides(configuration.preset("quick"), {"sampling.patch_size": [16, 16, 8]})
-    scorer = Scorer(Threshold(200.0), Threshold(100.0), config, torch.device("cpu"))
+    scorer = Scorer(Threshold(200.0), Threshold(100.0), config, (config["data"]["slice_axis"],), torch.device("cpu"))
     suggest_files([folder / c["image"] for c in meta["cases"]], folder / "run" / "suggestions", plan, scorer)
     return scene, logic, folder, volumes, labels
 

@@ -52,6 +52,7 @@ ARMS: dict[str, dict] = {
     "mn_conf": {"teacher.weighting": "confidence"},
     "mn_all": {"teacher.ema": 0.99, "teacher.triplanar": True, "teacher.weighting": "confidence"},
     "sup3d": {"lrg.mode": "off"},  # labeled-only, same steps; its 2D output is "pretrained 2D alone"
+    "sup3d_tri": {"lrg.mode": "off", "teacher.triplanar": True},  # labeled-only, 2D network on three slice axes
     # labeled-only with about as many patches per step as M&N (4 labeled + up to 3 unlabeled under `add`)
     "sup3d_more": {"lrg.mode": "off", "sampling.batch_size": 6},
     "mn_replace": {"lrg.unlabeled": "replace"},  # the reference's (`paper`) batch composition at `quick` size

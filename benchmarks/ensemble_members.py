@@ -58,12 +58,14 @@ class Members:
         from MNSegmentLib.data.io import read_image
         from MNSegmentLib.data.preprocess import preprocess_image
         from MNSegmentLib.inference.predict import predict_array, predictor
+        from MNSegmentLib.models.slicing import network_axes
         from MNSegmentLib.workflow import load_models
 
         key = (arm, seed, net)
         if key not in self._cache:
             config, plan, model2d, model3d = load_models(self.run(arm, seed), torch.device("cpu"))
-            predict = predictor(net, model2d, model3d, config["data"]["slice_axis"], config["model2d"]["chunk_slices"])
+            predict = predictor(net, model2d, model3d, network_axes(config, plan.target_spacing),
+                                config["model2d"]["chunk_slices"])
             inference = config["inference"]
             self._cache[key] = [
                 predict_array(preprocess_image(read_image(path), plan)[0], predict, config["sampling"]["patch_size"],

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +43,8 @@ def dice_per_class(prediction: torch.Tensor, label: np.ndarray, num_classes: int
 
 
 def validation_scores(model2d: torch.nn.Module, model3d: torch.nn.Module,
-                      cases: list[tuple[np.ndarray, np.ndarray]], config: dict, num_classes: int,
-                      device: torch.device, autocast_dtype: torch.dtype | None = None,
+                      cases: list[tuple[np.ndarray, np.ndarray]], config: dict, axes_2d: Sequence[int],
+                      num_classes: int, device: torch.device, autocast_dtype: torch.dtype | None = None,
                       stop: threading.Event | None = None) -> dict[str, float]:
     """Mean foreground Dice of each candidate over ``cases`` (preprocessed image and label arrays); raises
     Cancelled between two cases once ``stop`` is set."""
@@ -56,7 +57,7 @@ def validation_scores(model2d: torch.nn.Module, model3d: torch.nn.Module,
             raise Cancelled()
         probabilities = {}
         for name in ("3d", "2d"):
-            predict = predictor(name, model2d, model3d, config["data"]["slice_axis"], config["model2d"]["chunk_slices"])
+            predict = predictor(name, model2d, model3d, axes_2d, config["model2d"]["chunk_slices"])
             probabilities[name] = predict_array(image, predict, config["sampling"]["patch_size"], device,
                                                 inference["overlap"], inference["sw_batch_size"], inference["tta"],
                                                 autocast_dtype)

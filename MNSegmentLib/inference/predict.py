@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +16,19 @@ from MNSegmentLib.data.preprocess import Plan, preprocess_image
 from MNSegmentLib.models.slicing import apply_2d
 
 
-def predictor(network: str, model2d: torch.nn.Module | None, model3d: torch.nn.Module | None, slice_axis: int,
-              chunk: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function patch batch -> class probabilities for ``network`` in 3d | 2d | ensemble."""
+def predictor(network: str, model2d: torch.nn.Module | None, model3d: torch.nn.Module | None,
+              axes_2d: Sequence[int], chunk: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function patch batch -> class probabilities for ``network`` in 3d | 2d | ensemble. The 2D network's are
+    the mean over its slice directions ``axes_2d`` (:func:`slicing.network_axes`: one, or three for a network
+    trained along three); the ensemble weighs the 2D and the 3D network equally."""
 
     def probabilities(x: torch.Tensor) -> torch.Tensor:
         outputs = []
         if network in ("3d", "ensemble"):
             outputs.append(torch.softmax(model3d(x).float(), 1))
         if network in ("2d", "ensemble"):
-            outputs.append(torch.softmax(apply_2d(model2d, x, slice_axis, chunk).float(), 1))
+            outputs.append(sum(torch.softmax(apply_2d(model2d, x, axis, chunk).float(), 1) for axis in axes_2d)
+                           / len(axes_2d))
         return sum(outputs) / len(outputs)
 
     return probabilities

@@ -28,7 +28,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -103,10 +103,11 @@ class Scorer:
     """Scores preprocessed volumes with a run's two networks, as its configuration predicts (patch, overlap,
     TTA)."""
 
-    def __init__(self, model2d: torch.nn.Module, model3d: torch.nn.Module, config: dict, device: torch.device,
-                 autocast_dtype: torch.dtype | None = None):
-        axis, chunk = config["data"]["slice_axis"], config["model2d"]["chunk_slices"]
-        self.predict = {net: predictor(net, model2d, model3d, axis, chunk) for net in ("2d", "3d")}
+    def __init__(self, model2d: torch.nn.Module, model3d: torch.nn.Module, config: dict, axes_2d: Sequence[int],
+                 device: torch.device, autocast_dtype: torch.dtype | None = None):
+        """``axes_2d``: the 2D network's slice directions (:func:`slicing.network_axes`)."""
+        chunk = config["model2d"]["chunk_slices"]
+        self.predict = {net: predictor(net, model2d, model3d, axes_2d, chunk) for net in ("2d", "3d")}
         self.models = (model2d, model3d)
         self.config, self.device, self.autocast_dtype = config, device, autocast_dtype
 

@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+#: Largest ratio between the two in-plane spacings of a slice direction the 2D network is given (2.5 mm slices
+#: of a 0.6 mm in-plane scan are 4x anisotropic and are left out; a 1 mm or 3 mm isotropic volume keeps all 3).
+MAX_INPLANE_ANISOTROPY = 2.0
+
+
+def slice_axes(spacing: Sequence[float], slice_axis: int, triplanar: bool) -> tuple[int, ...]:
+    """The slice directions of the 2D network: ``slice_axis`` first, then (``triplanar``) every other axis whose
+    slices have near-isotropic pixels at ``spacing`` (the preprocessed grid's (x, y, z) spacing in mm)."""
+    axes = [slice_axis]
+    if triplanar:
+        for axis in range(3):
+            inplane = [s for a, s in enumerate(spacing) if a != axis]
+            if axis != slice_axis and max(inplane) / min(inplane) <= MAX_INPLANE_ANISOTROPY:
+                axes.append(axis)
+    return tuple(axes)
+
+
+def network_axes(config: dict, spacing: Sequence[float]) -> tuple[int, ...]:
+    """The slice directions a run's 2D network trains along (``teacher.triplanar``) and so predicts along, at the
+    preprocessed grid's ``spacing``: a network trained on the slices of three axes predicts each voxel from all
+    three and averages them."""
+    return slice_axes(spacing, config["data"]["slice_axis"], config["teacher"]["triplanar"])
 
 
 def to_slices(x: torch.Tensor, axis: int) -> torch.Tensor:

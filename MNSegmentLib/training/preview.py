@@ -21,6 +21,7 @@ from MNSegmentLib.data.preprocess import Plan, preprocess_image
 from MNSegmentLib.errors import InputError
 from MNSegmentLib.events import Events
 from MNSegmentLib.inference.predict import label_image, predict_array, predictor, to_input_grid
+from MNSegmentLib.models.slicing import network_axes
 
 log = logging.getLogger("mnsegment")
 
@@ -67,7 +68,7 @@ class Preview:
         for model in models:
             model.eval()
         try:
-            predict = predictor(network, model2d, model3d, config["data"]["slice_axis"],
+            predict = predictor(network, model2d, model3d, network_axes(config, plan.target_spacing),
                                 config["model2d"]["chunk_slices"])
             inference = config["inference"]
             probabilities = predict_array(self.array, predict, config["sampling"]["patch_size"], device,

@@ -6,7 +6,7 @@ Two optional strengthenings of the reference's teacher (the raw other network, o
   step; the student learns from the EMA copy of the other network (mean-teacher style steadier targets).
 - ``teacher.triplanar``: the 2D network is trained on slices along every axis whose in-plane spacing is close to
   isotropic (one axis per step, in turn) and, as a teacher, averages its probabilities over those axes: an
-  ensemble of three views of the same patch instead of one.
+  ensemble of three views of the same patch instead of one. It predicts that way too (:func:`slicing.network_axes`).
 
 and which way pseudo-labels flow (``teacher.directions``): both ways (the reference), from the 2D network to the 3D
 one only, or ``auto``: from the 2D network to the 3D one, unless the 2D network has failed on the labeled patches
@@ -24,26 +24,9 @@ structure (ventricles: 0.05 against 0.23) is a failure that the training patches
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 
 import torch
 from torch import nn
-
-#: Largest ratio between the two in-plane spacings of a slice direction the 2D network is given (2.5 mm slices
-#: of a 0.6 mm in-plane scan are 4x anisotropic and are left out; a 1 mm or 3 mm isotropic volume keeps all 3).
-MAX_INPLANE_ANISOTROPY = 2.0
-
-
-def slice_axes(spacing: Sequence[float], slice_axis: int, triplanar: bool) -> tuple[int, ...]:
-    """The slice directions of the 2D network: ``slice_axis`` first, then (``triplanar``) every other axis whose
-    slices have near-isotropic pixels at ``spacing`` (the preprocessed grid's (x, y, z) spacing in mm)."""
-    axes = [slice_axis]
-    if triplanar:
-        for axis in range(3):
-            inplane = [s for a, s in enumerate(spacing) if a != axis]
-            if axis != slice_axis and max(inplane) / min(inplane) <= MAX_INPLANE_ANISOTROPY:
-                axes.append(axis)
-    return tuple(axes)
 
 
 def soft_dice_sums(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -32,14 +32,14 @@ from MNSegmentLib.events import Events
 from MNSegmentLib.inference.predict import predict_array, predictor
 from MNSegmentLib.models.network2d import build_model2d
 from MNSegmentLib.models.network3d import build_model3d
-from MNSegmentLib.models.slicing import apply_2d
+from MNSegmentLib.models.slicing import apply_2d, network_axes
 from MNSegmentLib.training import checkpoint, distributed
 from MNSegmentLib.training.losses import confidence_weight, dice_kl_loss, one_hot
 from MNSegmentLib.training.lrg import split_batch, unlabeled_share
 from MNSegmentLib.training.preview import Preview
 from MNSegmentLib.training.scalars import Scalars
 from MNSegmentLib.training.schedule import lr_factor, stage_bounds
-from MNSegmentLib.training.teachers import EmaCopy, LabeledFit, slice_axes, soft_dice_sums
+from MNSegmentLib.training.teachers import EmaCopy, LabeledFit, soft_dice_sums
 
 log = logging.getLogger("mnsegment")
 
@@ -204,7 +204,7 @@ class Trainer:
         self.scalers = {net: torch.amp.GradScaler(device.type, enabled=self.amp.use_scaler) for net in ("2d", "3d")}
         self.micro_batch = int(config["train"]["micro_batch"] or config["sampling"]["batch_size"])
         teacher = config["teacher"]
-        self.axes_2d = slice_axes(plan.target_spacing, config["data"]["slice_axis"], teacher["triplanar"])
+        self.axes_2d = network_axes(config, plan.target_spacing)
         self.ema = ({"2d": EmaCopy(self.model2d, teacher["ema"]), "3d": EmaCopy(self.model3d, teacher["ema"])}
                     if teacher["ema"] else {})
         self.fit = LabeledFit()  # each network's running Dice on its labeled patches (teacher.directions=auto)
@@ -290,8 +290,7 @@ class Trainer:
         """Hard 3D-network prediction of a preprocessed volume (pseudo-masks and validation)."""
         model = self.model3d
         model.eval()
-        predict = predictor("3d", self.model2d, self.model3d, self.config["data"]["slice_axis"],
-                            self.config["model2d"]["chunk_slices"])
+        predict = predictor("3d", self.model2d, self.model3d, self.axes_2d, self.config["model2d"]["chunk_slices"])
         inference = self.config["inference"]
         probabilities = predict_array(array, predict, self.config["sampling"]["patch_size"], self.device,
                                       inference["overlap"], inference["sw_batch_size"],
