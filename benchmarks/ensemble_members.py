@@ -5,8 +5,10 @@ seeds, and each combination's averaged class probabilities predict the task's te
 trainings.
 
 An ensemble is written ``MEMBER+MEMBER+...``, a member ``ARM:NET`` (the ``NET`` = 2d | 3d network of that arm's
-run with the same seed) or ``ARM@next:NET`` (the run of the next seed in ``--seeds``, cyclically: an independently
-trained network of the same kind). The first ensemble is the reference of the paired differences.
+run with the same seed; ``2d1``: its 2D network along its first slice axis only, as a ``teacher.triplanar`` run
+predicted before it predicted along all three) or ``ARM@next:NET`` (the run of the next seed in ``--seeds``,
+cyclically: an independently trained network of the same kind). The first ensemble is the reference of the paired
+differences.
 
 Example (the numbers of section 13i)::
 
@@ -48,8 +50,8 @@ class Members:
         arm, net = member.split(":")
         if arm.endswith("@next"):
             arm, seed = arm.removesuffix("@next"), self.seeds[(self.seeds.index(seed) + 1) % len(self.seeds)]
-        if net not in ("2d", "3d"):
-            raise SystemExit(f"{member}: the network must be 2d or 3d")
+        if net not in ("2d", "2d1", "3d"):
+            raise SystemExit(f"{member}: the network must be 2d, 2d1 or 3d")
         return arm, seed, net
 
     def probabilities(self, arm: str, seed: int, net: str) -> list:
@@ -64,7 +66,8 @@ class Members:
         key = (arm, seed, net)
         if key not in self._cache:
             config, plan, model2d, model3d = load_models(self.run(arm, seed), torch.device("cpu"))
-            predict = predictor(net, model2d, model3d, network_axes(config, plan.target_spacing),
+            axes = network_axes(config, plan.target_spacing)
+            predict = predictor(net[:2], model2d, model3d, axes[:1] if net == "2d1" else axes,
                                 config["model2d"]["chunk_slices"])
             inference = config["inference"]
             self._cache[key] = [
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--labeled", type=int, required=True, help="the --labeled it ran with")
     p.add_argument("--task", default="wm")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--ensembles", nargs="+", required=True, help="MEMBER+MEMBER..., MEMBER = ARM[@next]:2d|3d")
+    p.add_argument("--ensembles", nargs="+", required=True, help="MEMBER+MEMBER..., MEMBER = ARM[@next]:2d|2d1|3d")
     args = p.parse_args(argv)
     import torch
 
