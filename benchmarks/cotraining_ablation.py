@@ -130,34 +130,37 @@ def run_job(task: str, arm: str, seed: int, steps: int, datalist: str, out: str)
     return result
 
 
-def report(out: Path, tasks: list[str], arms: list[str]) -> tuple[dict, str]:
-    """Per-seed values, mean ± sd and paired differences against ``mn`` for every task, arm and output."""
+def report(out: Path, tasks: list[str], arms: list[str], baseline: str = "mn") -> tuple[dict, str]:
+    """Per-seed values, mean ± sd and paired differences against ``baseline`` for every task, arm and output."""
     rows, lines = {}, []
     for task in tasks:
         for output in OUTPUTS:
             lines += [f"\n**{task}, {output}** (Dice; HD95 mm)\n",
-                      "| arm | seeds | Dice mean ± sd | per seed | − mn, paired per seed | HD95 mean |",
+                      f"| arm | seeds | Dice mean ± sd | per seed | − {baseline}, paired per seed | HD95 mean |",
                       "|---|---|---|---|---|---|"]
-            base = {}
+            found = {arm: {} for arm in arms}
             for arm in arms:
-                found = {}
                 for path in sorted((out / "results").glob(f"{task}_{arm}_seed*.json")):
                     r = json.loads(path.read_text())
                     if output in r["outputs"]:  # results made before the 2d output existed lack it
-                        found[r["seed"]] = r["outputs"][output]
-                if not found:
+                        found[arm][r["seed"]] = r["outputs"][output]
+            base = found.get(baseline, {})
+            for arm, by_seed in found.items():
+                if not by_seed:
                     continue
-                if arm == "mn":
-                    base = found
-                dice = [v["dice"] for v in found.values()]
-                hd95 = [v["hd95_mm"] for v in found.values() if v["hd95_mm"] is not None]
-                paired = {s: found[s]["dice"] - base[s]["dice"] for s in found if s in base and arm != "mn"}
+                dice = [v["dice"] for v in by_seed.values()]
+                hd95 = [v["hd95_mm"] for v in by_seed.values() if v["hd95_mm"] is not None]
+                paired = {s: by_seed[s]["dice"] - base[s]["dice"] for s in by_seed if s in base and arm != baseline}
                 m, sd = mean_sd(dice)
-                rows[f"{task}|{output}|{arm}"] = {"per_seed": found, "paired_dice_vs_mn": paired}
+                rows[f"{task}|{output}|{arm}"] = {"per_seed": by_seed, f"paired_dice_vs_{baseline}": paired}
+                diffs = "–"
+                if paired:
+                    ahead = sum(v > 0 for v in paired.values())
+                    diffs = (" / ".join(f"{paired[s]:+.4f}" for s in sorted(paired))
+                             + f" (mean {sum(paired.values()) / len(paired):+.4f}, ahead {ahead}/{len(paired)})")
                 lines.append(
-                    f"| {arm} | {len(found)} | {m:.4f} ± {sd:.4f} | "
-                    + " / ".join(f"{found[s]['dice']:.4f}" for s in sorted(found)) + " | "
-                    + (" / ".join(f"{paired[s]:+.4f}" for s in sorted(paired)) if paired else "–") + " | "
+                    f"| {arm} | {len(by_seed)} | {m:.4f} ± {sd:.4f} | "
+                    + " / ".join(f"{by_seed[s]['dice']:.4f}" for s in sorted(by_seed)) + f" | {diffs} | "
                     + (f"{sum(hd95) / len(hd95):.2f}" if hd95 else "–") + " |")
     return rows, "\n".join(lines)
 
@@ -177,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="every third subject (s002, s005, s008, s011) has a strong bias field that the first two "
                         "labeled subjects do not show (realdata.make_t1_task(strong_bias=True))")
     p.add_argument("--table-only", action="store_true", help="aggregate existing results, train nothing")
+    p.add_argument("--baseline", default="mn", help="the arm the paired differences are taken against")
     args = p.parse_args(argv)
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
@@ -200,11 +204,11 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as exc:  # report and go on with the other jobs
                     msg = f"FAILED {task} {arm} seed{seed}: {type(exc).__name__}: {exc}"
                 print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-    rows, table = report(out, args.tasks, args.arms)
+    rows, table = report(out, args.tasks, args.arms, args.baseline)
     summary = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
                "machine": machine(), "elapsed_s": round(time.time() - started, 1), "steps": args.steps,
-               "labeled": args.labeled, "strong_bias": args.strong_bias, "seeds": args.seeds,
+               "labeled": args.labeled, "strong_bias": args.strong_bias, "seeds": args.seeds, "baseline": args.baseline,
                "arms": {a: ARMS[a] for a in args.arms}, "rows": rows}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     print(table)
