@@ -40,8 +40,10 @@ def test_preset_values():
     # the reference's batch composition and soft targets in paper; unlabeled patches on top elsewhere
     assert paper["lrg"]["unlabeled"] == "replace" and paper["teacher"] == REFERENCE_TEACHER
     assert quick["lrg"]["unlabeled"] == default["lrg"]["unlabeled"] == "add"
-    # quick's short budgets: the pretrained 2D network teaches, the 3D one only when the 2D one fails (BENCHMARKS 13e)
-    assert quick["teacher"] == {**REFERENCE_TEACHER, "directions": "auto"} and default["teacher"] == REFERENCE_TEACHER
+    # quick's short budgets: the pretrained 2D network teaches, the 3D one only when the 2D one fails (BENCHMARKS 13e),
+    # and the 2D network works on the slices of all three axes (13l)
+    assert quick["teacher"] == {**REFERENCE_TEACHER, "directions": "auto", "triplanar": True}
+    assert default["teacher"] == REFERENCE_TEACHER
     assert quick["model3d"]["kwargs"]["channels"] == [16, 32, 64, 128]
     assert quick["model3d"]["kwargs"]["strides"] == [2, 2, 2]
     assert quick["train"]["steps"] == 400
