@@ -64,7 +64,7 @@ def table(few: Path, full: Path, task: str) -> str:
             gain = sum(mn[output][s] - low[output][s] for s in seeds) / len(seeds)
             cells[1], cells[4:] = row(mn[output], seeds), [
                 paired(mn[output], low[output], seeds), paired(mn[output], high[output], seeds),
-                f"{gain / ceiling:.0%}" if abs(ceiling) > 1e-4 else "–"]
+                f"{gain / ceiling:.0%}" if ceiling > 1e-4 else "– (no gain to share)"]
         lines.append(f"| {output} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
