@@ -30,11 +30,11 @@ from MNSegmentLib.training.trainer import Trainer
 def _trainer(run_dir: Path, **teacher) -> Trainer:
     """A Trainer on ``run_dir`` (the tiny run's checkpoint), all-unlabeled stage-2 batches from step 2, students
     alternating every step (2D at even steps), with ``teacher.*`` settings (by default the reference's: each
-    network teaches the other, whatever the tiny run's quick preset chose)."""
+    network teaches the other along one slice axis, whatever the tiny run's quick preset chose)."""
     config = json.loads((run_dir / "config.json").read_text())
     config["train"].update(steps=8, warmup_fraction=0.25, alternate_every=1)
     config["lrg"].update(mode="fixed", share=1.0, cap=1.0, unlabeled="replace")
-    config["teacher"].update({"directions": "both", **teacher})
+    config["teacher"].update({"directions": "both", "triplanar": False, **teacher})
     plan = Plan.from_json(json.loads((run_dir / "plan.json").read_text()))
     datalist = load_datalist(run_dir / "datalist.json", check_files=False)
     return Trainer(run_dir, config, plan, datalist, torch.device("cpu"), Events(False))
