@@ -18,8 +18,9 @@ from MNSegmentLib.config import apply_overrides, preset
 from MNSegmentLib.data.datalist import load_datalist
 from MNSegmentLib.data.preprocess import Plan
 from MNSegmentLib.errors import InputError
+from MNSegmentLib.evaluation.network_choice import validation_scores
 from MNSegmentLib.events import Events
-from MNSegmentLib.inference.predict import predictor
+from MNSegmentLib.inference.predict import predict_array, predictor
 from MNSegmentLib.models import slicing
 from MNSegmentLib.training import distributed
 from MNSegmentLib.training.losses import confidence_weight, dice_kl_loss
@@ -196,8 +197,29 @@ def test_a_triplanar_2d_network_predicts_along_its_three_slice_directions(tmp_pa
         ensemble = predictor("ensemble", model2d, model3d, (2, 0, 1), 128)(x)
         single = predictor("2d", model2d, model3d, (2,), 128)(x)
     assert torch.allclose(p2d, sum(per_axis) / 3, atol=1e-5)
-    assert torch.allclose(ensemble, (p3d + p2d) / 2, atol=1e-5)  # 2D and 3D weigh equally, not 3 : 1
+    assert torch.allclose(ensemble, (p3d + sum(per_axis)) / 4, atol=1e-5)  # every view one vote: 3 : 1
     assert torch.allclose(single, per_axis[0], atol=1e-5) and not torch.allclose(p2d, single, atol=1e-3)
+
+
+def test_the_validation_choice_scores_the_ensemble_that_predict_writes(tmp_path_factory):
+    """validation_scores weighs the two networks' volumes as the ensemble predictor weighs its views (3 : 1 for a
+    network trained along three axes), so the choice is made on what ``predict --network ensemble`` would write."""
+    trainer = _trainer(trained_run(tmp_path_factory).run_dir)
+    model2d, model3d = trainer.model2d.eval(), trainer.model3d.eval()
+    _perturb(model3d)  # the two networks disagree, so the weighting decides voxels
+    config, axes, cpu = trainer.config, (2, 0, 1), torch.device("cpu")
+    image = _patch(trainer)[0, 0].numpy()
+
+    def volume(network: str) -> torch.Tensor:
+        return predict_array(image, predictor(network, model2d, model3d, axes, 128),
+                             config["sampling"]["patch_size"], cpu)
+
+    with torch.no_grad():
+        label = volume("ensemble").argmax(0).numpy()
+        equal_weights = ((volume("2d") + volume("3d")) / 2).argmax(0).numpy()
+    scores = validation_scores(model2d, model3d, [(image, label)], config, axes, trainer.num_classes, cpu)
+    assert scores["ensemble"] == pytest.approx(1.0, abs=1e-4)
+    assert (label != equal_weights).mean() > 0.001  # a 1 : 1 ensemble would have scored below 1
 
 
 @pytest.mark.parametrize("triplanar, expected", [(False, {2}), (True, {0, 1, 2})])

@@ -25,7 +25,7 @@ import torch
 from monai.metrics import compute_dice
 
 from MNSegmentLib.errors import Cancelled
-from MNSegmentLib.inference.predict import predict_array, predictor
+from MNSegmentLib.inference.predict import ensemble_mean, predict_array, predictor
 from MNSegmentLib.training.teachers import LEARNT_FIT, LabeledFit, other_network
 
 CANDIDATES = ("3d", "2d", "ensemble")
@@ -61,9 +61,9 @@ def validation_scores(model2d: torch.nn.Module, model3d: torch.nn.Module,
             probabilities[name] = predict_array(image, predict, config["sampling"]["patch_size"], device,
                                                 inference["overlap"], inference["sw_batch_size"], inference["tta"],
                                                 autocast_dtype)
-        # The ensemble predictor averages the two networks' probabilities in every window, and sliding-window
-        # blending is a weighted average: averaging the two volumes gives the same result without a third pass.
-        probabilities["ensemble"] = (probabilities["3d"] + probabilities["2d"]) / 2
+        # The ensemble predictor averages the views' probabilities in every window, and sliding-window blending is
+        # a weighted average: weighing the two volumes the same way gives the same result without a third pass.
+        probabilities["ensemble"] = ensemble_mean(probabilities["2d"], probabilities["3d"], len(axes_2d))
         for name in CANDIDATES:
             scores[name] += dice_per_class(probabilities[name].argmax(0), label, num_classes)
     return {name: float(np.mean(values)) for name, values in scores.items()}

@@ -18,20 +18,26 @@ from MNSegmentLib.models.slicing import apply_2d
 
 def predictor(network: str, model2d: torch.nn.Module | None, model3d: torch.nn.Module | None,
               axes_2d: Sequence[int], chunk: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function patch batch -> class probabilities for ``network`` in 3d | 2d | ensemble. The 2D network's are
-    the mean over its slice directions ``axes_2d`` (:func:`slicing.network_axes`: one, or three for a network
-    trained along three); the ensemble weighs the 2D and the 3D network equally."""
+    """A function patch batch -> class probabilities for ``network`` in 3d | 2d | ensemble: the mean over the
+    views it has. The 2D network has a view per slice direction in ``axes_2d`` (:func:`slicing.network_axes`: one,
+    or three for a network trained along three), the 3D network one; so in the ensemble the 2D network weighs
+    1 : 1 against the 3D network when it slices along one axis and 3 : 1 along three (:func:`ensemble_mean`)."""
 
     def probabilities(x: torch.Tensor) -> torch.Tensor:
-        outputs = []
+        views = []
         if network in ("3d", "ensemble"):
-            outputs.append(torch.softmax(model3d(x).float(), 1))
+            views.append(torch.softmax(model3d(x).float(), 1))
         if network in ("2d", "ensemble"):
-            outputs.append(sum(torch.softmax(apply_2d(model2d, x, axis, chunk).float(), 1) for axis in axes_2d)
-                           / len(axes_2d))
-        return sum(outputs) / len(outputs)
+            views += [torch.softmax(apply_2d(model2d, x, axis, chunk).float(), 1) for axis in axes_2d]
+        return sum(views) / len(views)
 
     return probabilities
+
+
+def ensemble_mean(p2d: torch.Tensor, p3d: torch.Tensor, views_2d: int) -> torch.Tensor:
+    """The ensemble's probabilities, as :func:`predictor` makes them (every view one vote), from the 2D network's
+    (the mean of its ``views_2d`` slice directions) and the 3D network's."""
+    return (views_2d * p2d + p3d) / (views_2d + 1)
 
 
 @torch.no_grad()
