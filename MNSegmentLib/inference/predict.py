@@ -24,19 +24,19 @@ def predictor(network: str, model2d: torch.nn.Module | None, model3d: torch.nn.M
     1 : 1 against the 3D network when it slices along one axis and 3 : 1 along three (:func:`ensemble_mean`)."""
 
     def probabilities(x: torch.Tensor) -> torch.Tensor:
-        views = []
-        if network in ("3d", "ensemble"):
-            views.append(torch.softmax(model3d(x).float(), 1))
-        if network in ("2d", "ensemble"):
-            views += [torch.softmax(apply_2d(model2d, x, axis, chunk).float(), 1) for axis in axes_2d]
-        return sum(views) / len(views)
+        if network != "2d":
+            p3d = torch.softmax(model3d(x).float(), 1)
+            if network == "3d":
+                return p3d
+        p2d = sum(torch.softmax(apply_2d(model2d, x, axis, chunk).float(), 1) for axis in axes_2d) / len(axes_2d)
+        return p2d if network == "2d" else ensemble_mean(p2d, p3d, len(axes_2d))
 
     return probabilities
 
 
 def ensemble_mean(p2d: torch.Tensor, p3d: torch.Tensor, views_2d: int) -> torch.Tensor:
-    """The ensemble's probabilities, as :func:`predictor` makes them (every view one vote), from the 2D network's
-    (the mean of its ``views_2d`` slice directions) and the 3D network's."""
+    """The ensemble's probabilities, every view one vote, from the 2D network's (the mean of its ``views_2d`` slice
+    directions) and the 3D network's: the one definition, for :func:`predictor` and the validation choice."""
     return (views_2d * p2d + p3d) / (views_2d + 1)
 
 
