@@ -94,6 +94,10 @@ _BASE: dict[str, Any] = {
         # 2d_to_3d, reversed while the 2D network fails on the labeled patches, and only a network that has learnt
         # the structure teaches (training.teachers.LabeledFit)
         "directions": "both",
+        # true: when the 2D network does not learn from the 3D one (2d_to_3d, auto), it learns on the unlabeled
+        # patches from its own predictions along its other slice axes (needs triplanar; a network that has not
+        # learnt the structure, or failed on it, does not teach itself)
+        "cross_view": False,
     },
     "inference": {
         "network": "3d",  # 3d | 2d | ensemble
@@ -247,6 +251,9 @@ def validate(config: dict[str, Any]) -> None:
     _check(teacher["weighting"] in ("none", "confidence"), "teacher.weighting", "none or confidence")
     _check(teacher["student_view"] in ("same", "strong"), "teacher.student_view", "same or strong")
     _check(teacher["directions"] in ("both", "2d_to_3d", "auto"), "teacher.directions", "both, 2d_to_3d or auto")
+    _check(isinstance(teacher["cross_view"], bool), "teacher.cross_view", "true or false")
+    _check(not teacher["cross_view"] or teacher["triplanar"], "teacher.cross_view",
+           "false unless teacher.triplanar is true (the slice directions that teach each other)")
     _check(m2["adaptation"] in ("lora", "frozen", "full"), "model2d.adaptation", "one of lora, frozen, full")
     _check(m2["decoder_norm"] in ("group", "batch"), "model2d.decoder_norm", "group or batch")
     _check(config["data"]["normalization"] in ("auto", "ct", "mr", "none"), "data.normalization",

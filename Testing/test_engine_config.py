@@ -29,7 +29,7 @@ def test_presets_resolve_and_validate(name):
 
 # the reference's teacher: the raw other network's soft targets on the student's view, one slice axis, unweighted
 REFERENCE_TEACHER = {"temperature": 1.0, "input": "augmented", "ema": 0.0, "triplanar": False, "weighting": "none",
-                     "student_view": "same", "directions": "both"}
+                     "student_view": "same", "directions": "both", "cross_view": False}
 
 
 def test_preset_values():

@@ -58,7 +58,7 @@ def _perturb(model: torch.nn.Module) -> None:
 # -- settings ------------------------------------------------------------------------------------------------
 def test_candidates_are_off_by_default_and_in_the_paper_preset():
     reference = {"temperature": 1.0, "input": "augmented", "ema": 0.0, "triplanar": False, "weighting": "none",
-                 "student_view": "same", "directions": "both"}
+                 "student_view": "same", "directions": "both", "cross_view": False}
     for name in ("paper", "default"):
         assert preset(name)["teacher"] == reference, name
     # measured: docs/BENCHMARKS.md sections 13e (directions) and 13l (triplanar)
@@ -67,7 +67,8 @@ def test_candidates_are_off_by_default_and_in_the_paper_preset():
 
 @pytest.mark.parametrize("key, value", [("teacher.ema", 1.0), ("teacher.ema", -0.1), ("teacher.triplanar", 1),
                                         ("teacher.weighting", "entropy"), ("teacher.student_view", "weak"),
-                                        ("teacher.directions", "3d_to_2d"), ("teacher.directions", "Auto")])
+                                        ("teacher.directions", "3d_to_2d"), ("teacher.directions", "Auto"),
+                                        ("teacher.cross_view", 1)])
 def test_bad_teacher_settings_are_refused(key, value):
     with pytest.raises(InputError, match=key):
         apply_overrides(preset("quick"), {key: value})
@@ -319,6 +320,65 @@ def test_one_way_keeps_the_2d_network_on_labels_and_the_3d_student_unchanged(tmp
     assert same(grads("2d", 2, "2d_to_3d"), labels)
     assert not same(grads("2d", 2, "both"), labels)
     assert same(grads("3d", 3, "2d_to_3d"), grads("3d", 3, "both"))  # step 3: the 3D student, as before
+
+
+# -- cross-view: the 2D network's slice directions teach each other ------------------------------------------
+def test_cross_view_needs_the_triplanar_2d_network():
+    with pytest.raises(InputError, match="teacher.cross_view.*teacher.triplanar"):
+        apply_overrides(preset("default"), {"teacher.cross_view": True})
+    assert apply_overrides(preset("quick"), {"teacher.cross_view": True})["teacher"]["cross_view"] is True
+
+
+def test_cross_view_teaches_the_2d_network_only_when_the_3d_one_does_not_and_it_has_learnt():
+    fit = LabeledFit({"2d": 0.6, "3d": 0.7})
+    assert fit.teacher("auto", "2d", cross_view=True) == "views"
+    assert fit.teacher("auto", "2d", cross_view=False) is None  # the setting off: labels only, as before
+    assert fit.teacher("2d_to_3d", "2d", cross_view=True) == "views"
+    assert fit.teacher("both", "2d", cross_view=True) == "3d"  # the 3D network teaches it: no change
+    assert fit.teacher("auto", "3d", cross_view=True) == "2d"  # the 3D student is unchanged
+    assert LabeledFit({"2d": 0.2, "3d": 0.22}).teacher("auto", "2d", True) is None  # not learnt: does not teach
+    assert LabeledFit({"2d": 0.05, "3d": 0.3}).teacher("auto", "2d", True) == "3d"  # failed: the 3D one teaches
+    assert LabeledFit({"2d": 0.05, "3d": 0.2}).teacher("auto", "2d", True) is None  # failed, 3D not learnt
+
+
+def test_the_views_teacher_is_the_2d_network_along_its_other_slice_axes(tmp_path_factory):
+    trainer = _trainer(trained_run(tmp_path_factory).run_dir, triplanar=True, cross_view=True)
+    x = _patch(trainer)
+    model = trainer.model2d.eval()
+    with torch.no_grad():
+        per_axis = {axis: torch.softmax(slicing.apply_2d(model, x, axis, 128), 1) for axis in (0, 1, 2)}
+    model.train()
+    for step in (2, 3, 4):  # the student trains along axes 2, 0, 1 (trainer.axes_2d in turn)
+        trainer.step = step
+        student = trainer._student_axis()
+        others = [per_axis[a] for a in (0, 1, 2) if a != student]
+        assert torch.allclose(trainer._teacher_targets("views", x), sum(others) / 2, atol=1e-5)
+    assert not torch.allclose(trainer._teacher_targets("views", x), trainer._teacher_targets("2d", x), atol=1e-3)
+
+
+def test_cross_view_moves_the_2d_network_with_the_unlabeled_patches_and_records_it(tmp_path_factory):
+    """At a 2D-student step under 2d_to_3d, cross_view adds the unlabeled patches (taught by the other slice
+    directions) to the 2D gradient; without it the gradient is the labeled patches' alone."""
+    run_dir = trained_run(tmp_path_factory).run_dir
+
+    def step(cross_view: bool, labels_only: bool = False) -> tuple[list[torch.Tensor], dict]:
+        trainer = _trainer(run_dir, directions="2d_to_3d", triplanar=True, cross_view=cross_view)
+        trainer.config["lrg"]["unlabeled"] = "add"
+        trainer.fit = LabeledFit({"2d": 0.6, "3d": 0.7})  # both have learnt the structure (the tiny run has not)
+        batch = trainer.draw_batch(2, trainer.masks_version)
+        assert len(batch.x_l) and len(batch.x_u)
+        if labels_only:
+            batch = dataclasses.replace(batch, x_u=batch.x_u[:0], x_clean=None, n_unlabeled=0)
+        trainer.step = 2
+        record = trainer.train_step(batch)
+        return [p.grad.clone() for p in trainer.model2d.parameters() if p.grad is not None], record
+
+    labels, _ = step(False, labels_only=True)
+    without, record_without = step(False)
+    with_views, record_with = step(True)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(without, labels))
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(with_views, labels))
+    assert record_without["taught"] == [] and record_with["taught"] == ["2d"]
 
 
 # -- auto: a network teaches only while it fits the labeled patches at least as well as its student ----------

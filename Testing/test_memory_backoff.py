@@ -56,7 +56,7 @@ def _update(trainer: Trainer, micro_batch: int, model3d: torch.nn.Module | None 
         trainer.model3d = model3d
     trainer.micro_batch = micro_batch
     torch.manual_seed(0)
-    trainer._train_student("3d", *_batch(trainer))
+    trainer._train_student("3d", "2d", *_batch(trainer))
     trainer.model3d = original
     after = {k: v.grad.detach().clone() for k, v in original.named_parameters() if v.grad is not None}
     original.load_state_dict(saved[0])
@@ -139,8 +139,8 @@ def test_each_network_has_its_own_loss_scale(trainer: Trainer, monkeypatch) -> N
     scaled._forward = overflowing_2d
     batch = _batch(scaled)
     before = {k: v.detach().clone() for k, v in scaled.model2d.named_parameters()}
-    scaled._train_student("2d", *batch)
-    scaled._train_student("3d", *batch)
+    scaled._train_student("2d", "3d", *batch)
+    scaled._train_student("3d", "2d", *batch)
     assert scaled.scalers["2d"].get_scale() == initial["2d"] / 2  # the step was skipped and the scale halved
     assert scaled.scalers["3d"].get_scale() == initial["3d"]
     assert all(torch.equal(before[k], v) for k, v in scaled.model2d.named_parameters())  # no optimiser step

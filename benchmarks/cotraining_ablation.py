@@ -58,6 +58,7 @@ ARMS: dict[str, dict] = {
     "mn_replace": {"lrg.unlabeled": "replace"},  # the reference's (`paper`) batch composition at `quick` size
     "mn_oneway": {"teacher.directions": "2d_to_3d"},  # the 2D network learns from labels only
     "mn_auto": {"teacher.directions": "auto"},  # 2d_to_3d, reversed while the 2D network fails on the labels
+    "mn_xview": {"teacher.cross_view": True},  # quick + the 2D network's slice directions teach each other
 }
 # reported output -> predict(network=...); delivered = the run's model.json choice
 OUTPUTS = {"3d": "3d", "delivered": None, "2d": "2d"}

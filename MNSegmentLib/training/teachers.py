@@ -8,6 +8,12 @@ Two optional strengthenings of the reference's teacher (the raw other network, o
   isotropic (one axis per step, in turn) and, as a teacher, averages its probabilities over those axes: an
   ensemble of three views of the same patch instead of one. It predicts that way too (:func:`slicing.network_axes`).
 
+- ``teacher.cross_view`` (with triplanar): when the 2D network does not learn from the 3D one, its slice
+  directions teach each other: the student, trained along one axis at a step, learns on the unlabeled patches
+  from its own frozen predictions along the other axes (multi-view co-training). Unlike the 3D network early in
+  training, that teacher is the 2D network's own stronger ensemble, so it can raise the network the output relies
+  on most without a weaker network pulling it down.
+
 and which way pseudo-labels flow (``teacher.directions``): both ways (the reference), from the 2D network to the 3D
 one only, or ``auto``: from the 2D network to the 3D one, unless the 2D network has failed on the labeled patches
 (:class:`LabeledFit`); then from the 3D network to the 2D one. Under ``auto`` a teacher also has to have learnt the
@@ -71,6 +77,16 @@ class LabeledFit:
         if directions == "2d_to_3d":
             return student == "3d"
         return (student == "2d") == self.failed("2d") and self.learnt(other_network(student))
+
+    def teacher(self, directions: str, student: str, cross_view: bool) -> str | None:
+        """Whose pseudo-labels ``student``'s step learns from on the unlabeled patches: the other network ("2d" or
+        "3d"), ``"views"`` (the 2D network's own predictions along its other slice axes, ``teacher.cross_view``),
+        or None (labeled patches only)."""
+        if self.learns_from_teacher(directions, student):
+            return other_network(student)
+        if cross_view and student == "2d" and self.usable("2d"):
+            return "views"
+        return None
 
     def failed(self, network: str) -> bool:
         """Whether ``network`` fits the labeled patches below :data:`FAILED_FIT_SHARE` of the other's fit."""

@@ -205,6 +205,7 @@ class Trainer:
         self.micro_batch = int(config["train"]["micro_batch"] or config["sampling"]["batch_size"])
         teacher = config["teacher"]
         self.axes_2d = network_axes(config, plan.target_spacing)
+        self.cross_view = teacher["cross_view"] and len(self.axes_2d) > 1  # one axis has no other view to learn from
         self.ema = ({"2d": EmaCopy(self.model2d, teacher["ema"]), "3d": EmaCopy(self.model3d, teacher["ema"])}
                     if teacher["ema"] else {})
         self.fit = LabeledFit()  # each network's running Dice on its labeled patches (teacher.directions=auto)
@@ -347,18 +348,22 @@ class Trainer:
         """The student's logits; with ``teacher.triplanar`` the 2D network slices along its axes in turn."""
         if network == "3d":
             return self.model3d(x)
-        axis = self.axes_2d[self.step % len(self.axes_2d)]
-        return apply_2d(self.model2d, x, axis, self.config["model2d"]["chunk_slices"], recompute=True)
+        return apply_2d(self.model2d, x, self._student_axis(), self.config["model2d"]["chunk_slices"], recompute=True)
 
-    def _train_student(self, network: str, x_l: torch.Tensor, y_l: torch.Tensor | None, x_u: torch.Tensor,
-                       x_teacher: torch.Tensor, patches: int | None = None) -> torch.Tensor:
-        """One optimiser step of ``network``, returning (loss, soft-Dice overlap, soft-Dice size) on the labeled
-        patches (:func:`teachers.soft_dice_sums`), on the device; on CUDA out-of-memory, retries
-        with half the micro-batch. ``patches``: the step's global batch size (all ranks), default this batch's.
+    def _student_axis(self) -> int:
+        """The slice axis the 2D network trains along at this step (its axes in turn)."""
+        return self.axes_2d[self.step % len(self.axes_2d)]
+
+    def _train_student(self, network: str, teacher: str | None, x_l: torch.Tensor, y_l: torch.Tensor | None,
+                       x_u: torch.Tensor, x_teacher: torch.Tensor, patches: int | None = None) -> torch.Tensor:
+        """One optimiser step of ``network``, learning from ``teacher``'s targets on ``x_u`` (see
+        :meth:`teachers.LabeledFit.teacher`; None: ``x_u`` is empty), returning (loss, soft-Dice overlap, soft-Dice
+        size) on the labeled patches (:func:`teachers.soft_dice_sums`), on the device; on CUDA out-of-memory,
+        retries with half the micro-batch. ``patches``: the step's global batch size (all ranks), default this batch's.
         With several ranks, running out of memory is a collective decision: every rank retries, or none."""
         while True:
             try:
-                return self._accumulate(network, x_l, y_l, x_u, x_teacher, patches)
+                return self._accumulate(network, teacher, x_l, y_l, x_u, x_teacher, patches)
             except torch.cuda.OutOfMemoryError as error:
                 voted = isinstance(error, distributed.PeerOutOfMemory)  # learnt in _accumulate's all-reduce
             # Out of the except block: its traceback, which holds the failed step's tensors, is gone, so their
@@ -378,24 +383,27 @@ class Trainer:
     @torch.no_grad()
     def _teacher_targets(self, teacher: str, x: torch.Tensor) -> torch.Tensor:
         """The frozen network's (or its EMA copy's) class probabilities on ``x``, sharpened by
-        ``teacher.temperature``; the 2D teacher's are averaged over its slice axes (``teacher.triplanar``)."""
-        live = self.model3d if teacher == "3d" else self.model2d
-        model = self.ema[teacher].model if self.ema else live
+        ``teacher.temperature``; the 2D teacher's are averaged over its slice axes (``teacher.triplanar``), the
+        ``views`` teacher's over the 2D network's axes other than the one it trains along at this step."""
+        network = "2d" if teacher == "views" else teacher
+        live = self.model3d if network == "3d" else self.model2d
+        model = self.ema[network].model if self.ema else live
         temperature = self.config["teacher"]["temperature"] or 1.0  # 0: hard labels of the T = 1 probabilities
         live.eval()  # EMA copies are always in eval mode
-        if teacher == "3d":
+        if network == "3d":
             probabilities = torch.softmax(model(x).float() / temperature, 1)
         else:
             chunk = self.config["model2d"]["chunk_slices"]
+            axes = self.axes_2d if teacher == "2d" else [a for a in self.axes_2d if a != self._student_axis()]
             probabilities = sum(torch.softmax(apply_2d(model, x, axis, chunk).float() / temperature, 1)
-                                for axis in self.axes_2d) / len(self.axes_2d)
+                                for axis in axes) / len(axes)
         live.train()
         if self.config["teacher"]["temperature"] == 0:
             return one_hot(probabilities.argmax(1), self.num_classes)
         return probabilities
 
-    def _accumulate(self, network: str, x_l: torch.Tensor, y_l: torch.Tensor | None, x_u: torch.Tensor,
-                    x_teacher: torch.Tensor, patches: int | None = None) -> torch.Tensor:
+    def _accumulate(self, network: str, teacher: str | None, x_l: torch.Tensor, y_l: torch.Tensor | None,
+                    x_u: torch.Tensor, x_teacher: torch.Tensor, patches: int | None = None) -> torch.Tensor:
         """Loss and gradients over the batch in micro-batches. The loss is a mean of per-sample terms, so
         weighting each micro-batch by its share of the batch gives the full-batch gradient: exact as long as no
         network normalises with batch statistics (the 2D network never does, see models2d.SliceSegmenter; the
@@ -405,7 +413,6 @@ class Trainer:
         Returns (loss, soft-Dice overlap, size) of the student on the labeled patches, summed over the ranks."""
         optimizer = self.opt2d if network == "2d" else self.opt3d
         scaler = self.scalers[network]
-        teacher = "3d" if network == "2d" else "2d"
         x = torch.cat([x_l, x_u]) if len(x_u) else x_l
         n_labeled = len(x_l)
         weighted = self.config["teacher"]["weighting"] == "confidence"
@@ -489,12 +496,14 @@ class Trainer:
         results = {}  # network -> (loss, soft-Dice overlap, size) on the device
         taught = []  # the students that learnt from the other network's pseudo-labels in this step
         for network, trains in zip(("2d", "3d"), self._students(step)):
-            if trains and self.fit.learns_from_teacher(directions, network):
-                results[network] = self._train_student(network, x_l, y_l, x_u, x_teacher, batch.patches)
+            teacher = self.fit.teacher(directions, network, self.cross_view) if trains else None
+            if teacher is not None:
+                results[network] = self._train_student(network, teacher, x_l, y_l, x_u, x_teacher, batch.patches)
                 if batch.n_unlabeled:
                     taught.append(network)
             elif trains:  # labels only: the mean over them
-                results[network] = self._train_student(network, x_l, y_l, x_u[:0], x_teacher[:0], batch.n_labeled)
+                results[network] = self._train_student(network, None, x_l, y_l, x_u[:0], x_teacher[:0],
+                                                       batch.n_labeled)
         values = dict(zip(results, torch.stack(list(results.values())).tolist()))  # the step's one host sync
         for network, (_, overlap, size) in values.items():
             self.fit.update(network, overlap, size)
