@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import SimpleITK as sitk
 from engine_fixtures import TINY_SET, make_dataset, parse_events, run_cli, set_args, sphere_arrays, to_image
 
 from MNSegmentLib.errors import InputError
+from MNSegmentLib.training import preview
 from MNSegmentLib.workflow import train
 
 
@@ -59,3 +61,37 @@ def test_unreadable_preview_is_refused_before_anything_is_made(tmp_path):
     with pytest.raises(InputError, match=f"--preview {re.escape(str(missing))}: file not found"):
         train(datalist, tmp_path / "run", "quick", "cpu", {**TINY_SET, "train.steps": 4, "preview": str(missing)})
     assert not (tmp_path / "run").exists() and not list(tmp_path.glob(".run*"))
+
+
+def test_a_preview_that_would_exceed_the_budget_is_skipped():
+    """The previews' share of the time since training started stays within BUDGET_SHARE (5 %), at the last
+    preview's cost; the first and the final preview are always written."""
+    now = [100.0]
+    budgeted = preview.Preview(Path("x.nii.gz"), None, None, None, Path("preview.nii.gz"), clock=lambda: now[0])
+    assert budgeted.due()  # nothing spent yet: the first preview shows as soon as there is one
+    now[0] = 110.0
+    budgeted.spend(2.0)  # 2 s for one preview
+    now[0] = 130.0  # 30 s in: a second 2 s preview would make 4 s of 32 s, 12.5 %
+    assert not budgeted.due() and budgeted.due(final=True)
+    now[0] = 178.0  # 78 s in: 4 s of 80 s, exactly 5 %
+    assert budgeted.due()
+    now[0] = 177.0
+    assert not budgeted.due()
+
+
+def test_training_skips_the_previews_over_budget_but_writes_the_first_and_the_last(tmp_path, monkeypatch):
+    datalist = make_dataset(tmp_path / "data", n_labeled=1, n_unlabeled=1)
+    steps = []
+    write = preview.Preview.write
+
+    def recording(self, *args):
+        steps.append(args[-2])  # (..., step, events)
+        return write(self, *args)
+
+    monkeypatch.setattr(preview.Preview, "write", recording)
+    monkeypatch.setattr(preview, "BUDGET_SHARE", 0.0)  # no budget: every preview but the first and last skipped
+    chosen = str(datalist.parent / json.loads(datalist.read_text())["unlabeled"][0]["image"])
+    train(datalist, tmp_path / "run", "quick", "cpu",
+          {**TINY_SET, "train.steps": 4, "train.checkpoint_every": 1, "preview": chosen})
+    assert steps == [1, 4]
+    assert (tmp_path / "run" / "preview.nii.gz").exists()

@@ -269,9 +269,10 @@ class Trainer:
         self.ranks.barrier()
         return path
 
-    def write_preview(self) -> None:
-        """The chosen volume's prediction by the networks as they are now (``--preview``), at each checkpoint."""
-        if self.preview is not None:
+    def write_preview(self, final: bool = False) -> None:
+        """The chosen volume's prediction by the networks as they are now (``--preview``), at each checkpoint
+        whose preview fits the budget (:meth:`Preview.due`) and at the end."""
+        if self.preview is not None and self.preview.due(final):
             self.preview.write(self.model2d, self.model3d, self.config, self.plan, self.device, self.amp.dtype,
                                self.step, self.events)
 
@@ -554,7 +555,7 @@ class Trainer:
             prefetch.close()
             self.scalars.close(self.history, self.timings)
         self.save_checkpoint()
-        self.write_preview()
+        self.write_preview(final=True)
         if self.ranks.is_main:
             checkpoint.save_atomic({"model2d": self.model2d.state_dict(), "model3d": self.model3d.state_dict()},
                                    self.run_dir / MODEL)
