@@ -96,7 +96,8 @@ _BASE: dict[str, Any] = {
         "directions": "both",
         # true: when the 2D network does not learn from the 3D one (2d_to_3d, auto), it learns on the unlabeled
         # patches from its own predictions along its other slice axes (needs triplanar; a network that has not
-        # learnt the structure, or failed on it, does not teach itself)
+        # learnt the structure, or failed on it, does not teach itself). No gain at 200 quick steps on two tasks,
+        # for 35 % more compute (docs/BENCHMARKS.md 13n)
         "cross_view": False,
     },
     "inference": {

@@ -10,9 +10,9 @@ Two optional strengthenings of the reference's teacher (the raw other network, o
 
 - ``teacher.cross_view`` (with triplanar): when the 2D network does not learn from the 3D one, its slice
   directions teach each other: the student, trained along one axis at a step, learns on the unlabeled patches
-  from its own frozen predictions along the other axes (multi-view co-training). Unlike the 3D network early in
-  training, that teacher is the 2D network's own stronger ensemble, so it can raise the network the output relies
-  on most without a weaker network pulling it down.
+  from its own frozen predictions along the other axes (multi-view co-training): a teacher that, unlike the 3D
+  network early in training, is not weaker than its student. Measured: no gain on the template-derived tasks
+  (docs/BENCHMARKS.md 13n).
 
 and which way pseudo-labels flow (``teacher.directions``): both ways (the reference), from the 2D network to the 3D
 one only, or ``auto``: from the 2D network to the 3D one, unless the 2D network has failed on the labeled patches
