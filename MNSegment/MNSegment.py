@@ -261,6 +261,7 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.offerDeviceChoices()  # connectGui refills the device box with every choice, "all" included
             self._syncing = True
             try:
                 self.ui.outputPathLineEdit.currentPath = self._parameterNode.outputFolder
@@ -461,17 +462,24 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         threading.Thread(target=query, name="MNSegment GPU query", daemon=True).start()
         self.gpuTimer.start()
 
+    def offerDeviceChoices(self) -> None:
+        """Removes "all" (one training process per GPU) from the device box unless there are several GPUs; run
+        after the GPU query and after every connectGui, whose connector re-adds every choice of the parameter."""
+        gpus = self._gpus
+        if gpus is None or ALL_GPUS in device_choices(gpus):  # not known yet (showGpuInfo runs this again)
+            return
+        combo = self.ui.deviceComboBox
+        if combo.findText(ALL_GPUS) >= 0:
+            if self._parameterNode and self._parameterNode.device == ALL_GPUS:
+                self._parameterNode.device = "auto"
+            combo.removeItem(combo.findText(ALL_GPUS))
+
     def showGpuInfo(self) -> None:
         gpus = self._gpus
         if gpus is None:
             return
         self.gpuTimer.stop()
-        if ALL_GPUS not in device_choices(gpus):  # "all" (one training process per GPU) needs several GPUs
-            combo = self.ui.deviceComboBox
-            if combo.findText(ALL_GPUS) >= 0:
-                if self._parameterNode and self._parameterNode.device == ALL_GPUS:
-                    self._parameterNode.device = "auto"
-                combo.removeItem(combo.findText(ALL_GPUS))
+        self.offerDeviceChoices()
         if gpus:
             self.ui.gpuLabel.text = "; ".join(f"GPU {g['index']}: {g['name']}, {g['memory_gb']:.0f} GB" for g in gpus)
         else:

@@ -13,6 +13,7 @@ from slicer_test_utils import add_segmentation, add_volume, new_scene, rotation
 
 # isort: split
 from MNSegmentSlicerLib import dependencies, export
+from MNSegmentSlicerLib.job import EngineError
 from MNSegmentSlicerLib.logic import PREDICTION_ATTRIBUTE, MNSegmentLogic
 
 SPACING = (0.7, 1.3, 2.5)
@@ -193,6 +194,24 @@ def test_prediction_on_wrong_grid_is_refused(scene, tmp_path):
     sitk.WriteImage(sitk.Image(5, 5, 5, sitk.sitkUInt8), str(out / f"{meta['cases'][1]['stem']}.nii.gz"))
     with pytest.raises(ValueError, match="not on the grid"):
         MNSegmentLogic(scene).load_predictions(tmp_path)
+
+
+def test_a_job_whose_predictions_cannot_all_be_loaded_leaves_no_segmentation_behind(scene, tmp_path):
+    vol1, label1 = _case(scene, "a")
+    seg1 = add_segmentation(scene, vol1, label1, {1: "x"})
+    vol2, label2 = _case(scene, "b")
+    vol3, _ = _case(scene, "c")
+    logic = MNSegmentLogic(scene)
+    meta = logic.export_cases([(vol1, seg1)], [vol2, vol3], tmp_path)
+    _fake_prediction(tmp_path, meta, scene, meta["cases"][1], label2)  # b predicted, c missing
+    count = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    with pytest.raises(EngineError, match="No prediction for c"):
+        logic.load_predictions(tmp_path)
+    out = tmp_path / "run" / "predictions"
+    sitk.WriteImage(sitk.Image(5, 5, 5, sitk.sitkUInt8), str(out / f"{meta['cases'][2]['stem']}.nii.gz"))
+    with pytest.raises(ValueError, match="not on the grid"):  # c's file on a wrong grid, after b loaded
+        logic.load_predictions(tmp_path)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == count
 
 
 def test_pairing_and_unlabeled_candidates(scene):

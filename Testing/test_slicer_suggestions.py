@@ -148,3 +148,32 @@ def test_a_suggestion_whose_volume_left_the_scene_is_read_from_the_job(job):
     scene.RemoveNode(original)
     volume, _overlay = logic.show_suggestion(top)
     assert volume.GetName() == "Scan B" and np.array_equal(slicer.util.arrayFromVolume(volume), expected)
+
+
+def test_a_shown_disagreement_map_is_never_offered_as_a_volume_to_train_on(job):
+    scene, logic, folder, volumes, _labels = job
+    _volume, overlay = logic.show_suggestion(logic.suggestions(folder)[0])
+    assert overlay.IsA("vtkMRMLScalarVolumeNode")  # a plain scalar volume to MRML, so it must be filtered
+    assert logic.scalar_volumes() == volumes
+
+
+def test_scene_queries_keep_no_node_alive(job):
+    """``GetNodesByClass`` returns a collection Python never frees, which holds every node it found; the
+    module's queries must not, or a volume the user deletes stays in memory."""
+    scene, logic, folder, volumes, _labels = job
+    before = volumes[0].GetReferenceCount()
+    for _ in range(3):
+        logic.scalar_volumes()
+        logic.pair_segmentations()
+        logic.show_suggestion(logic.suggestions(folder)[0])
+    assert volumes[0].GetReferenceCount() == before
+
+
+def test_a_volume_that_cannot_be_read_leaves_nothing_in_the_scene(job, tmp_path):
+    scene, _logic, _folder, _volumes, _labels = job
+    count = scene.GetNumberOfNodes()
+    broken = tmp_path / "broken.nrrd"
+    broken.write_text("not an image")
+    with pytest.raises(ValueError, match="broken.nrrd"):
+        suggestions.read_volume(scene, broken, "Broken")
+    assert scene.GetNumberOfNodes() == count

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import vtk
 
+from .scenenodes import nodes_by_class
+
 ROLE_ATTRIBUTE = "MNSegment.LiveChart"
 LOSSES, RATES = "losses", "rates"
 CHART_TITLES = {LOSSES: "MNSegment training: losses, unlabeled share, Dice",
@@ -64,9 +66,7 @@ class LiveChart:
     def _node(self, class_name: str, role: str, name: str):
         node = self.scene.GetNodeByID(self._ids.get(role, ""))
         if node is None or node.GetAttribute(ROLE_ATTRIBUTE) != role:
-            found = self.scene.GetNodesByClass(class_name)
-            matches = [found.GetItemAsObject(i) for i in range(found.GetNumberOfItems())
-                       if found.GetItemAsObject(i).GetAttribute(ROLE_ATTRIBUTE) == role]
+            matches = [n for n in nodes_by_class(self.scene, class_name) if n.GetAttribute(ROLE_ATTRIBUTE) == role]
             node = matches[0] if matches else self._create(class_name, role, name)
             self._ids[role] = node.GetID()
         return node

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ import slicer
 from . import export, suggestions
 from .job import DONE, EngineError, EngineJob, Phase
 from .livepreview import PREVIEW_ATTRIBUTE, LivePreview
+from .scenenodes import nodes_by_class
 
 JOB_FILE = "job.json"
 DATALIST_FILE = "datalist.json"
@@ -80,10 +82,13 @@ def _write_json(path: Path, data: dict) -> None:
 
 def gpu_info() -> list[dict]:
     """Detected NVIDIA GPUs as ``[{"index", "name", "memory_gb"}]`` (``nvidia-smi``; no torch import)."""
+    # Slicer is a GUI process: on Windows a console child would flash its own window (the worker's Popen, and
+    # slicer.util.launchConsoleProcess, hide it the same way).
+    hidden = {"creationflags": subprocess.CREATE_NO_WINDOW} if sys.platform == "win32" else {}
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True, text=True, timeout=10, check=True, **hidden,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
@@ -211,22 +216,18 @@ class MNSegmentLogic:
         return _scene_of(list(nodes), self.scene)
 
     def scalar_volumes(self) -> list:
-        """Plain scalar volumes of the scene (no label maps, vector, DWI or DTI volumes)."""
-        scene = self._get_scene()
-        nodes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
-        return [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())
-                if export.is_scalar_3d_volume(nodes.GetItemAsObject(i))]
+        """Plain scalar volumes of the scene (no label maps, vector, DWI or DTI volumes), without the disagreement
+        maps MNSegment shows (never a scan to train on or segment)."""
+        return [n for n in nodes_by_class(self._get_scene(), "vtkMRMLScalarVolumeNode")
+                if export.is_scalar_3d_volume(n) and n.GetAttribute(suggestions.OVERLAY_ATTRIBUTE) is None]
 
     def pair_segmentations(self, include_predictions: bool = False) -> list[tuple]:
         """(volume, segmentation) for every segmentation in the scene whose reference geometry is a volume.
 
         Segmentations produced by MNSegment are skipped unless ``include_predictions`` (e.g. after correcting
         them in the Segment Editor, to train again with more labels)."""
-        scene = self._get_scene()
-        nodes = scene.GetNodesByClass("vtkMRMLSegmentationNode")
         pairs = []
-        for i in range(nodes.GetNumberOfItems()):
-            seg = nodes.GetItemAsObject(i)
+        for seg in nodes_by_class(self._get_scene(), "vtkMRMLSegmentationNode"):
             if seg.GetAttribute(PREVIEW_ATTRIBUTE) is not None:  # replaced at every checkpoint: never a label
                 continue
             if seg.GetAttribute(PREDICTION_ATTRIBUTE) and not include_predictions:
@@ -550,17 +551,22 @@ class MNSegmentLogic:
             model_classes = self.model_classes(folder / meta.get("run_dir", RUN_DIR))
             if model_classes and not classes:
                 classes = model_classes
-        nodes = []
-        for case in meta["cases"]:
-            if case["role"] not in ("unlabeled", "segment"):
-                continue
+        cases = [c for c in meta["cases"] if c["role"] in ("unlabeled", "segment")]
+        for case in cases:  # all checked first, so a missing one leaves no segmentation half of the job made
             path = predictions / f"{case['stem']}.nii.gz"
             if not path.is_file():
                 raise EngineError(f"No prediction for {case['volume_name']} ({path} is missing).")
-            volume = self._find_volume(scene, case, folder)
-            node = export.load_labelmap_as_segmentation(path, volume, classes)
-            node.SetAttribute(PREDICTION_ATTRIBUTE, str(folder))
-            nodes.append(node)
+        nodes = []
+        try:
+            for case in cases:
+                volume = self._find_volume(scene, case, folder)
+                node = export.load_labelmap_as_segmentation(predictions / f"{case['stem']}.nii.gz", volume, classes)
+                node.SetAttribute(PREDICTION_ATTRIBUTE, str(folder))
+                nodes.append(node)
+        except Exception:
+            for node in nodes:
+                scene.RemoveNode(node)
+            raise
         return nodes
 
     @staticmethod
@@ -568,17 +574,13 @@ class MNSegmentLogic:
         node = scene.GetNodeByID(case.get("volume_id", ""))
         if node is not None and node.IsA("vtkMRMLScalarVolumeNode") and node.GetName() == case["volume_name"]:
             return node
-        nodes = scene.GetNodesByClassByName("vtkMRMLScalarVolumeNode", case["volume_name"])
-        for i in range(nodes.GetNumberOfItems()):
-            candidate = nodes.GetItemAsObject(i)
+        for candidate in nodes_by_class(scene, "vtkMRMLScalarVolumeNode", case["volume_name"]):
             if not candidate.IsA("vtkMRMLLabelMapVolumeNode"):
                 return candidate
-        volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", case["volume_name"])
-        storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-        storage.SetFileName(str(folder / case["image"]))
-        if not storage.ReadData(volume):
-            raise EngineError(f"Could not load {folder / case['image']}")
-        volume.SetAndObserveStorageNodeID(storage.GetID())
+        try:
+            volume = suggestions.read_volume(scene, folder / case["image"], case["volume_name"])
+        except ValueError as error:
+            raise EngineError(str(error)) from None
         volume.CreateDefaultDisplayNodes()
         return volume
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import slicer
 
+from .scenenodes import nodes_by_class
+
 SUGGESTIONS_FILE = "suggestions.json"
 SUGGESTIONS_DIR = "suggestions"
 JOB_FILE = "job.json"
@@ -98,11 +100,8 @@ def find_volume(scene, suggestion: Suggestion):
     node = scene.GetNodeByID(suggestion.volume_id) if suggestion.volume_id else None
     if node is not None and node.IsA("vtkMRMLScalarVolumeNode") and node.GetName() == suggestion.volume_name:
         return node
-    nodes = scene.GetNodesByClassByName("vtkMRMLScalarVolumeNode", suggestion.volume_name)
-    for i in range(nodes.GetNumberOfItems()):
-        if not nodes.GetItemAsObject(i).IsA("vtkMRMLLabelMapVolumeNode"):
-            return nodes.GetItemAsObject(i)
-    return None
+    return next((n for n in nodes_by_class(scene, "vtkMRMLScalarVolumeNode", suggestion.volume_name)
+                 if not n.IsA("vtkMRMLLabelMapVolumeNode")), None)
 
 
 def rank_volumes(volumes, suggestions: list[Suggestion]) -> list[tuple]:
@@ -118,8 +117,9 @@ def rank_volumes(volumes, suggestions: list[Suggestion]) -> list[tuple]:
     return [(v, found[v.GetID()]) for v in scored] + [(v, None) for v in volumes if v.GetID() not in found]
 
 
-def _read_volume(scene, path: Path, name: str):
-    """A scalar volume node read from ``path`` with a storage node (what Slicer's volume reader does)."""
+def read_volume(scene, path: Path, name: str):
+    """A scalar volume node read from ``path`` with a storage node (what Slicer's volume reader does); on failure
+    a ValueError naming the file, and nothing left in the scene."""
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
     storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
     storage.SetFileName(str(path))
@@ -134,14 +134,12 @@ def _read_volume(scene, path: Path, name: str):
 def load_overlay(scene, suggestion: Suggestion):
     """The disagreement map (percent) as a scalar volume, shown with a heat colour map from 10 % up; loaded once
     per map file."""
-    existing = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
-    for i in range(existing.GetNumberOfItems()):
-        node = existing.GetItemAsObject(i)
+    for node in nodes_by_class(scene, "vtkMRMLScalarVolumeNode"):
         if node.GetAttribute(OVERLAY_ATTRIBUTE) == str(suggestion.map):
             return node
     if not suggestion.map.is_file():
         raise ValueError(f"The disagreement map of {suggestion.volume_name} is missing ({suggestion.map}).")
-    node = _read_volume(scene, suggestion.map, f"{suggestion.volume_name} disagreement")
+    node = read_volume(scene, suggestion.map, f"{suggestion.volume_name} disagreement")
     node.SetAttribute(OVERLAY_ATTRIBUTE, str(suggestion.map))
     node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()
@@ -163,12 +161,10 @@ def show(suggestion: Suggestion, scene):
     (``vtkMRMLSliceNode.JumpAllSlices``, centred). Returns (volume, overlay)."""
     volume = find_volume(scene, suggestion)
     if volume is None:
-        volume = _read_volume(scene, suggestion.image, suggestion.volume_name)
+        volume = read_volume(scene, suggestion.image, suggestion.volume_name)
         volume.CreateDefaultDisplayNodes()
     overlay = load_overlay(scene, suggestion)
-    composites = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
-    for i in range(composites.GetNumberOfItems()):
-        composite = composites.GetItemAsObject(i)
+    for composite in nodes_by_class(scene, "vtkMRMLSliceCompositeNode"):
         composite.SetBackgroundVolumeID(volume.GetID())
         composite.SetForegroundVolumeID(overlay.GetID())
         composite.SetForegroundOpacity(OVERLAY_OPACITY)
