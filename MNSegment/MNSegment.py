@@ -207,7 +207,9 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         """Called when the module widget is destroyed (application exit, module reload)."""
-        self.cancelJobs()
+        # Waits (bounded: a worker still there after the grace period is killed by the job's poll): the timers
+        # that poll the jobs stop below, so nothing would end a worker that ignored the stop request.
+        self.cancelJobs(wait=True)
         for timer in (self.pollTimer, self.listTimer, self.gpuTimer):
             timer.stop()
         if self.logic is not None:
@@ -243,8 +245,14 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.listTimer.start()
 
     def onSceneReloaded(self, caller, event) -> None:
-        if self.parent.isEntered and not slicer.mrmlScene.IsClosing():
-            self.initializeParameterNode()  # a loaded scene may bring its own parameter node and lists
+        if not self.parent.isEntered or slicer.mrmlScene.IsClosing():
+            return
+        node = self.logic.getParameterNode()
+        current = self._parameterNode.parameterNode if self._parameterNode else None
+        if node.parameterNode is not current:  # a loaded scene brought its own parameter node and lists
+            self.setParameterNode(node)
+        else:  # connecting the GUI again would add an observer each time (connectGui's are never removed)
+            self.refreshUnlabeledList()
 
     def cancelJobs(self, wait: bool = False) -> None:
         if self.logic is not None:
