@@ -585,6 +585,8 @@ class MNSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif name == "predict":
             self.ui.progressBar.setRange(0, 0)
             self.ui.statusLabel.text = _("Segmenting the unlabeled volumes...")
+        elif name == "load":
+            self.ui.statusLabel.text = _("Loading the segmentations into the scene...")
 
     def onJobEvent(self, job, event) -> None:
         """Warnings of the engine (e.g. training labeled-only, no learning-curve picture) reach the user."""

@@ -310,3 +310,44 @@ def test_failing_finished_handler_fails_the_job(standin, tmp_path):
     job.start()
     assert job.wait(timeout=60) == jobs.FAILED
     assert job.error == "The prediction x.nii.gz is not on the grid of CT 3"
+
+
+def _stepper(log: list, fail_at: int | None = None):
+    def steps():
+        try:
+            for i in range(3):
+                if i == fail_at:
+                    raise ValueError(f"piece {i} failed")
+                log.append(("piece", i, threading.get_ident()))
+                yield
+        except GeneratorExit:
+            log.append(("closed",))
+            raise
+    return steps
+
+
+def test_a_main_thread_phase_advances_one_piece_per_poll_on_the_polling_thread():
+    """Phase(steps=...): the work that must touch the scene (loading predictions) runs in pieces, one per poll,
+    so the GUI's timer returns between them; then the next phase, then done."""
+    log = []
+    job = jobs.EngineJob([jobs.Phase("load", steps=_stepper(log)), jobs.Phase("after", run=lambda stop: None)])
+    job.start()
+    assert job.phase == "load" and log == []
+    for expected in (1, 2, 3):
+        job.poll()
+        assert len(log) == expected
+    assert job.wait(timeout=30) == jobs.DONE
+    assert {ident for _, _, ident in log} == {threading.get_ident()}
+
+
+def test_a_failing_main_thread_phase_fails_the_job_and_cancel_closes_it():
+    failing = jobs.EngineJob([jobs.Phase("load", steps=_stepper([], fail_at=1))])
+    failing.start()
+    assert failing.wait(timeout=30) == jobs.FAILED and failing.error == "piece 1 failed"
+
+    log = []
+    cancelled = jobs.EngineJob([jobs.Phase("load", steps=_stepper(log))])
+    cancelled.start()
+    cancelled.poll()
+    cancelled.cancel()
+    assert cancelled.status == jobs.CANCELLED and log[-1] == ("closed",)  # at once: it undoes its work

@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # Exit codes of the engine's command line.
@@ -181,14 +181,18 @@ def _cancel_running_jobs() -> None:  # pragma: no cover - runs at interpreter ex
 
 
 class Phase:
-    """One step of a job: an engine invocation (``args``), or ``run(stop)`` called on a worker thread (``stop``
-    is a :class:`threading.Event` set on cancel; an exception fails the job with its message)."""
+    """One step of a job: an engine invocation (``args``), ``run(stop)`` called on a worker thread (``stop``
+    is a :class:`threading.Event` set on cancel), or ``steps()``: an iterator advanced once per :meth:`EngineJob.poll`
+    on the calling (GUI) thread, for work that must touch the scene, cut into pieces short enough that the GUI
+    never waits long; closed on cancel. An exception fails the job with its message."""
 
     def __init__(self, name: str, args: list[str] | None = None, before: Callable[[], list[str] | None] | None = None,
-                 env: dict[str, str] | None = None, run: Callable[[threading.Event], None] | None = None):
+                 env: dict[str, str] | None = None, run: Callable[[threading.Event], None] | None = None,
+                 steps: Callable[[], Iterator] | None = None):
         self.name = name
         self.args = list(args or [])
         self.run = run
+        self.steps = steps
         #: extra environment variables for this phase only
         self.env = dict(env or {})
         #: called right before the phase starts; may return replacement arguments (e.g. the images to predict)
@@ -258,6 +262,7 @@ class EngineJob:
         self._cancel_seen: list = []
         self._killed = False
         self._thread_phase = False
+        self._steps: Iterator | None = None  # the running main-thread phase's iterator (Phase.steps)
         self._launcher = False
 
     # ----------------------------------------------------------------------------------- life cycle
@@ -288,6 +293,15 @@ class EngineJob:
             self._finish(DONE)
             return
         phase = self.phases[self._phase_index]
+        if phase.steps is not None:
+            self.phase = phase.name
+            self._call(self.on_phase, phase.name)
+            try:
+                self._steps = iter(phase.steps())
+            except Exception as error:
+                self.error = str(error) or type(error).__name__
+                self._finish(FAILED)
+            return
         if phase.run is not None:
             self.phase = phase.name
             self._thread_phase = True
@@ -387,9 +401,23 @@ class EngineJob:
             returncode = self._proc.poll()  # the pipes are closed: the process is ending
             if returncode is not None:
                 self._phase_ended(returncode)
+        if self.status == RUNNING and self._steps is not None:
+            self._advance_steps()
         if self.status == CANCELLING:
             self._escalate_cancel()
         return self.status
+
+    def _advance_steps(self) -> None:
+        """One piece of the main-thread phase; the next phase when it is through."""
+        try:
+            next(self._steps)
+        except StopIteration:
+            self._steps = None
+            self._start_next_phase()
+        except Exception as error:
+            self._steps = None
+            self.error = str(error) or type(error).__name__
+            self._finish(FAILED)
 
     def _thread_phase_ended(self, error: str | None) -> None:
         self._thread_phase = False
@@ -506,6 +534,13 @@ class EngineJob:
         ``grace_s`` seconds is killed with its whole process tree. ``wait=True`` polls until the job ended."""
         if self.status == PENDING:
             self._cancel_requested = True
+            self._finish(CANCELLED)
+            return
+        if self.status == RUNNING and self._steps is not None:  # nothing runs outside this thread: stop now
+            self._cancel_requested = True
+            steps, self._steps = self._steps, None
+            with contextlib.suppress(Exception):
+                getattr(steps, "close", lambda: None)()  # a generator undoes its work on close
             self._finish(CANCELLED)
             return
         if self.status == RUNNING:

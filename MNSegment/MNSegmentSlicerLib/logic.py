@@ -22,12 +22,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import slicer
 
 from . import export, suggestions
-from .job import DONE, EngineError, EngineJob, Phase
+from .job import EngineError, EngineJob, Phase
 from .livepreview import PREVIEW_ATTRIBUTE, LivePreview
 from .scenenodes import nodes_by_class
 
@@ -502,13 +503,16 @@ class MNSegmentLogic:
              load: bool = True) -> EngineJob:
         from .job import worker_environment
 
+        def load_results():  # one volume per poll: loading tens of predictions at once would freeze the GUI
+            nodes = []
+            for node in self.iter_predictions(job.folder, scene=scene):
+                nodes.append(node)
+                yield
+            job.result = nodes
+
+        phases = [*phases, Phase("load", steps=load_results)] if load else phases
         job = EngineJob(phases, folder=folder, on_progress=on_progress, on_log=on_log, on_event=on_event,
                         on_phase=on_phase, env=worker_environment(), python=self.python)
-        if load:
-            def load_results(job):
-                if job.status == DONE:
-                    job.result = self.load_predictions(job.folder, scene=scene)
-            job.add_finished_handler(load_results)
         job.add_finished_handler(_record_status)
         if on_finished is not None:
             job.add_finished_handler(on_finished)
@@ -540,6 +544,11 @@ class MNSegmentLogic:
 
         Volumes are found in the scene (same node, else same name); a volume no longer in the scene is loaded
         from the job folder."""
+        return list(self.iter_predictions(job_or_folder, scene))
+
+    def iter_predictions(self, job_or_folder, scene=None) -> Iterator:
+        """:meth:`load_predictions` one volume at a time, yielding each segmentation node as it is made. If one
+        fails, or the iteration is closed early (a cancelled job), the nodes it made are removed again."""
         folder = Path(getattr(job_or_folder, "folder", job_or_folder))
         meta = _read_json(folder / JOB_FILE)
         scene = scene or self._get_scene()
@@ -563,11 +572,11 @@ class MNSegmentLogic:
                 node = export.load_labelmap_as_segmentation(predictions / f"{case['stem']}.nii.gz", volume, classes)
                 node.SetAttribute(PREDICTION_ATTRIBUTE, str(folder))
                 nodes.append(node)
-        except Exception:
+                yield node
+        except BaseException:  # GeneratorExit too: a job cancelled while loading keeps none of it
             for node in nodes:
                 scene.RemoveNode(node)
             raise
-        return nodes
 
     @staticmethod
     def _find_volume(scene, case: dict, folder: Path):
